@@ -1,0 +1,1 @@
+"""HTTP function targets of the skill inference service."""

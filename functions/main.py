@@ -1,0 +1,59 @@
+"""Function targets: each parses its request, calls the core in shared/, and renders the answer.
+
+Deploy: one source bundle, one entry point per function (e.g. `--entry-point=infer`).
+Locally: `functions-framework --target=infer --source=functions/main.py`, or all of them at
+their paths through functions/local_server.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flask
+
+from shared.api import endpoint, log_fields, read_json
+from shared.engine import parse_inference_request
+from shared.errors import ValidationError
+from shared.registry import listing
+from shared.services import get_services
+
+
+@endpoint("POST")
+def infer(request: flask.Request) -> Any:
+    """POST /api/v1/skills/infer: one student scored on one skill."""
+    services = get_services()
+    body = read_json(request, services.settings.max_request_bytes)
+    inference = parse_inference_request(body, services.catalog)
+    log_fields(skill=inference.skill)
+    result = services.engine.infer(inference)
+    log_fields(model_version=result["model_version"])
+    return result
+
+
+@endpoint("GET")
+def list_skills(request: flask.Request) -> Any:
+    """GET /api/v1/skills: the skill catalog, so callers can build valid requests."""
+    return get_services().catalog.to_dict()
+
+
+@endpoint("GET")
+def list_models(request: flask.Request) -> Any:
+    """GET /api/v1/skills/models[?skill=NAME]: every registered version, from the registry alone."""
+    services = get_services()
+    skill = request.args.get("skill")
+    if skill is None:
+        skills = services.catalog.names
+    elif not skill:
+        raise ValidationError([{"field": "skill", "problem": "must be a skill name when given"}])
+    else:
+        skills = [services.catalog.skill(skill).skill]
+    return {"skills": listing(services.registry, skills)}
+
+
+@endpoint("GET")
+def healthz(request: flask.Request) -> Any:
+    """GET /healthz: 200 with the serving version per skill, 503 if any skill has no loadable model."""
+    versions, problems = get_services().engine.status()
+    if problems:
+        return {"status": "unavailable", "models": versions, "problems": problems}, 503
+    return {"status": "ok", "models": versions}

@@ -1,0 +1,53 @@
+"""Trains every skill of the catalog on synthetic students and writes their artifacts.
+
+    python scripts/train.py [--out models/artifacts] [--seed 7] [--students 8000] [--skills a,b] [--if-absent]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from shared.artifacts import ARTIFACT_FILES
+from shared.catalog import SkillCatalog
+from shared.settings import PROJECT_ROOT, Settings
+from shared.training import TrainingConfig, train_catalog, write_trained
+
+DEFAULT_OUT = PROJECT_ROOT / "models" / "artifacts"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for <skill>/ artifact folders")
+    parser.add_argument("--seed", type=int, default=TrainingConfig.seed, help="seed of the data and the model")
+    parser.add_argument("--students", type=int, default=TrainingConfig.n_students, help="synthetic students")
+    parser.add_argument("--skills", default="", help="comma-separated skills (default: all in the catalog)")
+    parser.add_argument("--if-absent", action="store_true", help="train only skills whose artifacts are missing")
+    args = parser.parse_args(argv)
+
+    catalog = SkillCatalog.load(Settings.from_env().skill_catalog)
+    skills = [s for s in args.skills.split(",") if s] or catalog.names
+    for skill in skills:
+        catalog.skill(skill)
+    if args.if_absent:
+        skills = [s for s in skills if not all((args.out / s / name).is_file() for name in ARTIFACT_FILES)]
+        if not skills:
+            print(f"all skills already trained in {args.out}")
+            return 0
+    started = time.perf_counter()
+    config = TrainingConfig(n_students=args.students, seed=args.seed)
+    trained = train_catalog(catalog, config, skills)
+    print(f"{'skill':<20}{'auc':>8}{'baseline':>10}{'f1':>8}{'brier':>8}  folder")
+    for skill, result in trained.items():
+        folder = write_trained(result, args.out)
+        m, b = result.metadata["metrics"], result.metadata["baseline_metrics"]
+        print(f"{skill:<20}{m['auc']:>8.4f}{b['auc']:>10.4f}{m['f1']:>8.4f}{m['brier']:>8.4f}  {folder}")
+    print(json.dumps({"trained": len(trained), "seconds": round(time.perf_counter() - started, 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Core library of the skill inference service: everything the functions call."""

@@ -1,0 +1,99 @@
+"""HTTP plumbing the functions share: reading JSON bodies, rendering answers and errors, one log line per request."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from typing import Any, Callable
+
+import flask
+
+from shared.errors import InvalidJson, MethodNotAllowed, PayloadTooLarge, ServiceError
+
+log = logging.getLogger("skills.http")
+
+Handler = Callable[[flask.Request], "tuple[Any, int] | Any"]
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> flask.Response:
+    return flask.Response(json.dumps(body), status=status, headers=headers, mimetype="application/json")
+
+
+def error_response(error: ServiceError) -> flask.Response:
+    headers = {"Allow": ", ".join(error.allowed)} if isinstance(error, MethodNotAllowed) else None
+    return json_response(error.to_dict(), error.status, headers)
+
+
+def read_json(request: flask.Request, max_bytes: int) -> Any:
+    """Returns the parsed JSON body; raises PayloadTooLarge past max_bytes, InvalidJson if it does not parse."""
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise PayloadTooLarge(
+            f"The request body has {request.content_length} bytes; the limit is {max_bytes}.", {"limit_bytes": max_bytes}
+        )
+    data = request.stream.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise PayloadTooLarge(f"The request body exceeds the limit of {max_bytes} bytes.", {"limit_bytes": max_bytes})
+    if not data:
+        raise InvalidJson("The request body is empty; send a JSON object.")
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidJson(f"The request body is not valid JSON: {exc}.") from None
+
+
+def log_fields(**fields: Any) -> None:
+    """Adds fields (skill, model version, ...) to this request's log line."""
+    flask.g.setdefault("log_fields", {}).update(fields)
+
+
+def endpoint(*methods: str) -> Callable[[Handler], Callable[[flask.Request], flask.Response]]:
+    """Makes a handler a function target: checks the method, renders its result or error as JSON, logs one line.
+
+    The handler returns a body (status 200) or (body, status). A ServiceError becomes its JSON error;
+    any other exception is logged with its traceback and answered with a generic 500.
+    """
+    allowed = list(methods)
+
+    def decorate(handler: Handler) -> Callable[[flask.Request], flask.Response]:
+        @functools.wraps(handler)
+        def target(request: flask.Request) -> flask.Response:
+            started = time.perf_counter()
+            try:
+                if request.method not in allowed:
+                    raise MethodNotAllowed(request.method, allowed)
+                result = handler(request)
+                body, status = result if isinstance(result, tuple) else (result, 200)
+                response = json_response(body, status)
+            except ServiceError as exc:
+                response = error_response(exc)
+                log_fields(error_code=exc.code)
+            except Exception:
+                log.exception("unhandled error", extra={"path": request.path})
+                response = json_response(
+                    {"error": {"code": "internal", "message": "The service failed to answer; the failure is logged."}},
+                    500,
+                )
+            latency = time.perf_counter() - started
+            fields = flask.g.get("log_fields", {})
+            log.info(
+                f"{request.method} {request.path} {response.status_code}",
+                extra={
+                    "httpRequest": {
+                        "requestMethod": request.method,
+                        "requestUrl": request.path,
+                        "status": response.status_code,
+                        "latency": f"{latency:.6f}s",
+                    },
+                    "function": handler.__name__,
+                    "status": response.status_code,
+                    "latency_ms": round(latency * 1000, 3),
+                    **fields,
+                },
+            )
+            return response
+
+        return target
+
+    return decorate

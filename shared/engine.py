@@ -1,0 +1,252 @@
+"""The inference engine: keeps each skill's serving model versions in memory and scores requests with them."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from shared.artifacts import ArtifactStore
+from shared.catalog import SkillCatalog
+from shared.errors import ModelUnavailable, ServiceError, StoreUnavailable, UnknownSkill, ValidationError
+from shared.features import PreparedFeatures
+from shared.registry import ModelRegistry, ModelVersion
+from shared.skill_model import SkillModel, confidence_from_probability
+
+log = logging.getLogger(__name__)
+
+MAX_STUDENT_ID_LENGTH = 128
+
+
+@dataclass(frozen=True)
+class InferenceRequest:
+    """One student scored on one skill, as a caller asked for it."""
+
+    student_id: str
+    skill: str
+    features: Mapping[str, Any]
+    explain: bool = False
+
+
+def parse_inference_request(body: Any, catalog: SkillCatalog) -> InferenceRequest:
+    """Returns the request a JSON body describes.
+
+    Raises ValidationError naming each malformed field, then UnknownSkill if the skill is not in the catalog.
+    Feature values are checked later, against the serving model's schema.
+    """
+    if not isinstance(body, dict):
+        raise ValidationError([{"field": "body", "problem": "must be a JSON object"}])
+    problems: list[dict[str, str]] = []
+    student_id = body.get("student_id")
+    if not isinstance(student_id, str) or not 1 <= len(student_id) <= MAX_STUDENT_ID_LENGTH:
+        problems.append({"field": "student_id", "problem": f"must be a string of 1 to {MAX_STUDENT_ID_LENGTH} characters"})
+    skill = body.get("skill")
+    if not isinstance(skill, str) or not skill:
+        problems.append({"field": "skill", "problem": "must be a non-empty string"})
+    features = body.get("features")
+    if not isinstance(features, dict):
+        problems.append({"field": "features", "problem": "must be an object of feature name to number"})
+    explain = body.get("explain", False)
+    if not isinstance(explain, bool):
+        problems.append({"field": "explain", "problem": "must be true or false"})
+    if problems:
+        raise ValidationError(problems)
+    if skill not in catalog:
+        raise UnknownSkill(str(skill), catalog.names)
+    return InferenceRequest(student_id, str(skill), features, explain)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """The models serving one skill: production, and optionally a canary taking a share of students."""
+
+    production: SkillModel
+    canary: SkillModel | None = None
+    canary_traffic: float = 0.0
+
+    def model_for(self, student_id: str) -> SkillModel:
+        # A student's bucket is stable, so the same student keeps getting the same version.
+        if self.canary is not None and zlib.crc32(student_id.encode()) % 10_000 < self.canary_traffic * 10_000:
+            return self.canary
+        return self.production
+
+    def models(self) -> list[SkillModel]:
+        return [self.production] + ([self.canary] if self.canary else [])
+
+
+def _key(record: ModelVersion) -> tuple[str, str, str]:
+    return (record.skill, record.version, record.sha256)
+
+
+class InferenceEngine:
+    """Serves predictions from the registry's serving versions, loaded once and swapped in atomically.
+
+    The registry is consulted at most every `refresh_seconds`; a new version is loaded and swapped in
+    without failing a request, and a version that fails to load leaves the old one serving.
+    """
+
+    def __init__(
+        self,
+        catalog: SkillCatalog,
+        registry: ModelRegistry,
+        store: ArtifactStore,
+        refresh_seconds: float = 30.0,
+        onnx_threads: int = 1,
+        booster_threads: int = 1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.catalog = catalog
+        self.registry = registry
+        self.store = store
+        self.refresh_seconds = refresh_seconds
+        self.onnx_threads = onnx_threads
+        self.booster_threads = booster_threads
+        self._clock = clock
+        self._deployments: dict[str, Deployment] = {}
+        self._load_errors: dict[str, str] = {}
+        self._failed: dict[tuple[str, str, str], str] = {}
+        self._next_check = 0.0
+        self._loaded_once = False
+        self._refresh_lock = threading.Lock()
+
+    # -- model lifecycle -------------------------------------------------------------------------
+
+    def refresh(self, force: bool = False) -> None:
+        """Syncs with the registry if the refresh interval has passed (or if forced)."""
+        if not force and self._clock() < self._next_check:
+            return
+        # Until the first load, callers wait for it; after that, one thread refreshes while
+        # the others keep serving the models they have.
+        if not self._refresh_lock.acquire(blocking=not self._loaded_once):
+            return
+        try:
+            if force or self._clock() >= self._next_check:
+                self._sync()
+        finally:
+            self._next_check = self._clock() + self.refresh_seconds
+            self._loaded_once = True
+            self._refresh_lock.release()
+
+    def _sync(self) -> None:
+        try:
+            serving = self.registry.serving()
+        except StoreUnavailable as exc:
+            log.warning("registry unavailable; serving the loaded models", extra={"reason": str(exc)})
+            return
+        loaded = {_key(m.record): m for d in self._deployments.values() for m in d.models()}
+        self._failed = {}  # a version that failed to load is retried at the next check
+        deployments: dict[str, Deployment] = {}
+        errors: dict[str, str] = {}
+        for spec in self.catalog:
+            records = serving.get(spec.skill, [])
+            production = next((r for r in records if r.stage == "production"), None)
+            canary = next((r for r in records if r.stage == "canary"), None)
+            if production is None:
+                errors[spec.skill] = "no version is in production"
+                continue
+            prod_model = self._model(loaded, production)
+            if prod_model is None:
+                errors[spec.skill] = self._failed[_key(production)]
+                if spec.skill in self._deployments:
+                    deployments[spec.skill] = self._deployments[spec.skill]
+                continue
+            canary_model = self._model(loaded, canary) if canary else None
+            deployments[spec.skill] = Deployment(prod_model, canary_model, canary.traffic if canary_model and canary else 0.0)
+        self._deployments = deployments  # one reference swap: readers see the old or the new set, never a mix
+        self._load_errors = errors
+
+    def _model(self, loaded: dict[tuple[str, str, str], SkillModel], record: ModelVersion) -> SkillModel | None:
+        key = _key(record)
+        if key in loaded:
+            return loaded[key]
+        if key in self._failed:
+            return None
+        started = time.perf_counter()
+        try:
+            model = SkillModel.load(
+                self.store, record, self.catalog.skill(record.skill), self.onnx_threads, self.booster_threads
+            )
+        except Exception as exc:  # any failure to load must leave the old version serving
+            self._failed[key] = f"version {record.version} failed to load: {exc}"
+            log.error(
+                "model failed to load; keeping the loaded version",
+                extra={"skill": record.skill, "model_version": record.version, "reason": str(exc)},
+            )
+            return None
+        log.info(
+            "model loaded",
+            extra={
+                "skill": record.skill,
+                "model_version": record.version,
+                "stage": record.stage,
+                "load_ms": round((time.perf_counter() - started) * 1000, 2),
+            },
+        )
+        return model
+
+    def deployment(self, skill: str) -> Deployment:
+        """Returns the skill's serving models; raises UnknownSkill or ModelUnavailable."""
+        self.refresh()
+        deployment = self._deployments.get(skill)
+        if deployment is None:
+            if skill not in self.catalog:
+                raise UnknownSkill(skill, self.catalog.names)
+            # The reason (which may name internal locations) is logged and shown by /healthz, not here.
+            raise ModelUnavailable(f"No model can serve skill {skill!r} right now.", {"skill": skill})
+        return deployment
+
+    def status(self) -> tuple[dict[str, str], dict[str, str]]:
+        """Returns the production version serving each skill, and why each other skill has none."""
+        self.refresh()
+        versions = {skill: d.production.version for skill, d in self._deployments.items()}
+        return versions, dict(self._load_errors)
+
+    # -- scoring ---------------------------------------------------------------------------------
+
+    def infer(self, request: InferenceRequest) -> dict[str, Any]:
+        """Returns the response for one request; raises its ServiceError if it cannot be scored."""
+        result = self.infer_many([request])[0]
+        if isinstance(result, ServiceError):
+            raise result
+        return result
+
+    def infer_many(self, requests: Sequence[InferenceRequest]) -> list[dict[str, Any] | ServiceError]:
+        """Scores many requests with one vectorized call per model; a bad request fails only itself."""
+        results: list[dict[str, Any] | ServiceError] = [None] * len(requests)  # type: ignore[list-item]
+        groups: dict[int, tuple[SkillModel, list[int], list[PreparedFeatures]]] = {}
+        for i, request in enumerate(requests):
+            try:
+                model = self.deployment(request.skill).model_for(request.student_id)
+                row = model.schema.prepare(request.features)
+            except ServiceError as exc:
+                results[i] = exc
+                continue
+            group = groups.setdefault(id(model), (model, [], []))
+            group[1].append(i)
+            group[2].append(row)
+        for model, indices, rows in groups.values():
+            X = model.schema.matrix(rows)
+            scores = model.probabilities(X)
+            confidences = confidence_from_probability(scores)
+            explained = [k for k, i in enumerate(indices) if requests[i].explain]
+            contributions = model.contributions(X[explained]) if explained else None
+            for k, (i, row) in enumerate(zip(indices, rows)):
+                results[i] = {
+                    "student_id": requests[i].student_id,
+                    "skill": model.skill,
+                    "score": float(scores[k]),
+                    "confidence": float(confidences[k]),
+                    "model_version": model.version,
+                    "feature_importance": model.feature_importance,
+                    "imputed": row.imputed,
+                    "ignored": row.ignored,
+                }
+            if contributions is not None:
+                for c, k in enumerate(explained):
+                    results[indices[k]]["contributions"] = model.top_contributions(X[k], contributions[c])  # type: ignore[index]
+        return results

@@ -1,0 +1,104 @@
+"""The service's one error hierarchy: every error a caller can see has a stable code and an HTTP status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    """Base of every error the service reports to a caller.
+
+    Subclasses fix `code` (stable, snake_case) and `status` (the HTTP status);
+    `details` carries machine-readable context such as the offending fields.
+    """
+
+    code = "internal"
+    status = 500
+
+    def __init__(self, message: str, details: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the error as the body of an HTTP answer."""
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details is not None:
+            error["details"] = self.details
+        return {"error": error}
+
+
+class InvalidJson(ServiceError):
+    code = "invalid_json"
+    status = 400
+
+
+class ValidationError(ServiceError):
+    """The input is well-formed JSON but breaks the contract; details list `{"field", "problem"}`."""
+
+    code = "validation_error"
+    status = 400
+
+    def __init__(self, problems: list[dict[str, str]], message: str | None = None) -> None:
+        if message is None:
+            fields = ", ".join(p["field"] for p in problems[:5])
+            message = f"The request has {len(problems)} invalid field(s): {fields}."
+        super().__init__(message, problems)
+        self.problems = problems
+
+
+class UnknownSkill(ServiceError):
+    code = "unknown_skill"
+    status = 400
+
+    def __init__(self, skill: str, valid_skills: list[str]) -> None:
+        super().__init__(f"Unknown skill {skill!r}.", {"valid_skills": valid_skills})
+
+
+class NotFound(ServiceError):
+    code = "not_found"
+    status = 404
+
+
+class Conflict(ServiceError):
+    code = "conflict"
+    status = 409
+
+
+class MethodNotAllowed(ServiceError):
+    code = "method_not_allowed"
+    status = 405
+
+    def __init__(self, method: str, allowed: list[str]) -> None:
+        super().__init__(
+            f"Method {method} is not allowed here; use {', '.join(allowed)}.", {"allowed": allowed}
+        )
+        self.allowed = allowed
+
+
+class PayloadTooLarge(ServiceError):
+    code = "payload_too_large"
+    status = 413
+
+
+class ModelUnavailable(ServiceError):
+    code = "model_unavailable"
+    status = 503
+
+
+class StoreUnavailable(ServiceError):
+    """A store or queue could not be reached; the operation may succeed if retried."""
+
+    code = "store_unavailable"
+    status = 503
+
+
+class ArtifactIntegrityError(ServiceError):
+    """An artifact does not match its recorded sha256 or its format contract."""
+
+    code = "artifact_integrity"
+    status = 500
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; raised at start-up, never to a caller."""

@@ -1,0 +1,82 @@
+"""Feature preparation: a caller's feature mapping becomes the ordered vector a skill's model reads."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from shared.catalog import SkillSpec
+from shared.errors import ValidationError
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class PreparedFeatures:
+    """One validated row: values in model order, and what was imputed or ignored on the way."""
+
+    values: list[float]
+    imputed: list[str]
+    ignored: list[str]
+
+
+class FeatureSchema:
+    """One skill's feature contract, precomputed so preparing a row costs one pass over its features."""
+
+    def __init__(self, spec: SkillSpec) -> None:
+        self.skill = spec.skill
+        self.names: tuple[str, ...] = spec.feature_names
+        self._index = {name: i for i, name in enumerate(self.names)}
+        self._rules = [(f.name, f.required, f.default, f.min, f.max) for f in spec.features]
+        self.defaults = np.array([f.default for f in spec.features], dtype=np.float64)
+
+    def prepare(self, features: Mapping[str, Any], field: str = "features") -> PreparedFeatures:
+        """Returns the row in model order.
+
+        Missing imputable features take their default and are listed in `imputed`; names the skill
+        does not read are listed in `ignored`. Raises ValidationError naming every bad field
+        (`{field}.{name}`): a missing required feature, a non-number, NaN or infinity, a value out of range.
+        """
+        if not isinstance(features, Mapping):
+            raise ValidationError([{"field": field, "problem": "must be an object of feature name to number"}])
+        values: list[float] = []
+        imputed: list[str] = []
+        problems: list[dict[str, str]] = []
+        for name, required, default, low, high in self._rules:
+            raw = features.get(name, _MISSING)
+            if raw is _MISSING or raw is None:
+                if required:
+                    problems.append({"field": f"{field}.{name}", "problem": "is required"})
+                else:
+                    imputed.append(name)
+                values.append(default)
+                continue
+            if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+                problems.append({"field": f"{field}.{name}", "problem": "must be a number"})
+                values.append(default)
+                continue
+            try:
+                value = float(raw)
+            except OverflowError:
+                value = math.inf
+            if not math.isfinite(value):
+                problems.append({"field": f"{field}.{name}", "problem": "must be a finite number"})
+            elif value < low or value > high:
+                problems.append(
+                    {"field": f"{field}.{name}", "problem": f"must be between {low:g} and {high:g}"}
+                )
+            values.append(value)
+        if problems:
+            raise ValidationError(problems)
+        index = self._index
+        ignored = [name for name in features if name not in index] if len(features) != len(values) - len(imputed) else []
+        return PreparedFeatures(values, imputed, ignored)
+
+    def matrix(self, rows: Sequence[PreparedFeatures]) -> np.ndarray:
+        """Stacks prepared rows into one float64 matrix, one row per input."""
+        if not rows:
+            return np.empty((0, len(self.names)), dtype=np.float64)
+        return np.array([r.values for r in rows], dtype=np.float64)

@@ -1,0 +1,125 @@
+"""The service's configuration: one frozen object read once from the environment."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable, Mapping, TypeVar
+
+from shared.errors import ConfigError
+
+# The folder that holds shared/: the repository in development, the source bundle when deployed.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of the service; the README's settings table documents each variable."""
+
+    host: str
+    port: int
+    server_workers: int
+    artifact_store: str
+    database_url: str
+    skill_catalog: Path
+    model_refresh_seconds: float
+    max_request_bytes: int
+    max_batch_request_bytes: int
+    max_batch_items: int
+    onnx_threads: int
+    batch_threads: int
+    log_level: str
+    task_queue: str
+    worker_url: str
+    batch_chunk_size: int
+    task_max_attempts: int
+    task_min_backoff_seconds: float
+    store_contributions: bool
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Reads every setting; raises ConfigError naming the variable when a value is malformed."""
+        env = os.environ if env is None else env
+        reader = _Reader(env)
+        cores = os.cpu_count() or 1
+        host = reader.text("HOST", "127.0.0.1")
+        port = reader.number("PORT", 8080, int, minimum=1, maximum=65535)
+        return cls(
+            host=host,
+            port=port,
+            server_workers=reader.number("SERVER_WORKERS", cores, int, minimum=1),
+            artifact_store=reader.text("ARTIFACT_STORE", str(PROJECT_ROOT / "var" / "artifacts")),
+            database_url=reader.text("DATABASE_URL", str(PROJECT_ROOT / "var" / "skills.sqlite3")),
+            skill_catalog=Path(reader.text("SKILL_CATALOG", str(PROJECT_ROOT / "models" / "catalog.json"))),
+            model_refresh_seconds=reader.number("MODEL_REFRESH_SECONDS", 30.0, float, minimum=0.0),
+            max_request_bytes=reader.number("MAX_REQUEST_BYTES", 1 << 20, int, minimum=1024),
+            max_batch_request_bytes=reader.number("MAX_BATCH_REQUEST_BYTES", 32 << 20, int, minimum=1024),
+            max_batch_items=reader.number("MAX_BATCH_ITEMS", 10_000, int, minimum=1),
+            onnx_threads=reader.number("ONNX_THREADS", 1, int, minimum=1),
+            batch_threads=reader.number("BATCH_THREADS", cores, int, minimum=1),
+            log_level=reader.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+            task_queue=reader.text("TASK_QUEUE", "local"),
+            worker_url=reader.text("WORKER_URL", f"http://{host}:{port}/tasks/batch-worker"),
+            batch_chunk_size=reader.number("BATCH_CHUNK_SIZE", 200, int, minimum=1, maximum=10_000),
+            task_max_attempts=reader.number("TASK_MAX_ATTEMPTS", 3, int, minimum=1, maximum=100),
+            task_min_backoff_seconds=reader.number("TASK_MIN_BACKOFF_SECONDS", 1.0, float, minimum=0.0),
+            store_contributions=reader.flag("STORE_CONTRIBUTIONS", False),
+        )
+
+    def replace(self, **changes: object) -> Settings:
+        """Returns a copy with some settings changed (for tests and scripts)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        unknown = set(changes) - set(values)
+        if unknown:
+            raise ConfigError(f"Unknown settings: {sorted(unknown)}")
+        values.update(changes)
+        return Settings(**values)  # type: ignore[arg-type]
+
+
+class _Reader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def text(self, name: str, default: str) -> str:
+        value = self._env.get(name, "").strip()
+        return value or default
+
+    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+        value = self.text(name, default).upper()
+        if value not in allowed:
+            raise ConfigError(f"Config {name!r} must be one of {', '.join(allowed)}; got {value!r}.")
+        return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        raw = self._env.get(name, "").strip().lower()
+        if not raw:
+            return default
+        if raw in ("1", "true", "yes", "on"):
+            return True
+        if raw in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"Config {name!r} must be true or false; got {raw!r}.")
+
+    def number(
+        self,
+        name: str,
+        default: T,
+        kind: Callable[[str], T],
+        minimum: float | None = None,
+        maximum: float | None = None,
+    ) -> T:
+        raw = self._env.get(name, "").strip()
+        if not raw:
+            return default
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise ConfigError(f"Config {name!r} must be a {kind.__name__}; got {raw!r}.") from None
+        if minimum is not None and value < minimum:  # type: ignore[operator]
+            raise ConfigError(f"Config {name!r} must be at least {minimum}; got {raw!r}.")
+        if maximum is not None and value > maximum:  # type: ignore[operator]
+            raise ConfigError(f"Config {name!r} must be at most {maximum}; got {raw!r}.")
+        return value
