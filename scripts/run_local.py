@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
-from shared.local_stack import ensure_demo_models
+from shared.local_stack import ensure_demo_models, gunicorn_args
 from shared.logs import configure_logging
 from shared.services import Services
 from shared.settings import PROJECT_ROOT, Settings
@@ -26,20 +26,6 @@ def main() -> int:
     args = gunicorn_args(settings)
     os.execv(sys.executable, [sys.executable, "-m", "gunicorn", *args])
     return 0
-
-
-def gunicorn_args(settings: Settings) -> list[str]:
-    """Returns the server shape the README documents: N single-threaded workers, no access log (we log)."""
-    return [
-        "--bind", f"{settings.host}:{settings.port}",
-        "--workers", str(settings.server_workers),
-        "--threads", "1",
-        "--worker-class", "sync",
-        "--timeout", "120",
-        "--graceful-timeout", "10",
-        "--log-level", "warning",
-        "functions.local_server:app",
-    ]
 
 
 if __name__ == "__main__":

@@ -1,13 +1,22 @@
-"""The embedded stack's preparation: demo models trained and published if absent, so a fresh clone serves."""
+"""The embedded stack: demo models trained and published if absent, and the local server process."""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 from shared.artifacts import ARTIFACT_FILES
 from shared.publishing import publish_version
 from shared.services import Services
+from shared.settings import PROJECT_ROOT, Settings
 
 log = logging.getLogger(__name__)
 
@@ -33,3 +42,88 @@ def ensure_demo_models(services: Services, trained_dir: Path, seed: int = 7) -> 
         registry.promote(skill, record.version, "production")
         log.info("published demo model", extra={"skill": skill, "model_version": record.version})
     return missing
+
+
+class LocalServer:
+    """A local server process (gunicorn serving functions/local_server.py) on 127.0.0.1, for tests and benchmarks.
+
+    Use as a context manager: it starts the process, waits until /healthz answers, and stops it on exit.
+    """
+
+    def __init__(self, env: dict[str, str], port: int, workers: int = 1, timeout: float = 60.0) -> None:
+        self.env = env
+        self.port = port
+        self.workers = workers
+        self.timeout = timeout
+        self.url = f"http://127.0.0.1:{port}"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+
+    def start(self) -> LocalServer:
+        env = {**os.environ, **self.env, "PORT": str(self.port), "HOST": "127.0.0.1", "SERVER_WORKERS": str(self.workers)}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
+        settings = Settings.from_env(env)
+        self.started_at = time.perf_counter()
+        self.log_file = tempfile.NamedTemporaryFile(prefix="skills-server-", suffix=".log", delete=False)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", *gunicorn_args(settings)],
+            env=env,
+            cwd=PROJECT_ROOT,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+        )
+        self.wait_ready()
+        return self
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(self.url + "/_bench/constant", timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"server did not start within {self.timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return Path(self.log_file.name).read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> LocalServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def free_port() -> int:
+    """Returns a TCP port of 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def gunicorn_args(settings: Settings) -> list[str]:
+    """Returns the server shape the README documents: N single-threaded sync workers, no access log (requests log themselves)."""
+    return [
+        "--bind", f"{settings.host}:{settings.port}",
+        "--workers", str(settings.server_workers),
+        "--threads", "1",
+        "--worker-class", "sync",
+        "--timeout", "120",
+        "--graceful-timeout", "10",
+        "--log-level", "warning",
+        "functions.local_server:app",
+    ]
