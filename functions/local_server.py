@@ -15,6 +15,10 @@ ROUTES: dict[str, Callable[[flask.Request], flask.Response]] = {
     "/api/v1/skills": main.list_skills,
     "/api/v1/skills/models": main.list_models,
     "/api/v1/skills/infer": main.infer,
+    "/api/v1/skills/infer/batch": main.infer_batch,
+    "/api/v1/batch/runs/<run_id>": main.batch_run_status,
+    "/tasks/nightly": main.nightly,
+    "/tasks/batch-worker": main.batch_worker,
 }
 # Benchmarks compare every endpoint with this one: the framework's own cost for a JSON answer.
 FLOOR_PATH = "/_bench/constant"
@@ -43,8 +47,8 @@ def create_app() -> flask.Flask:
     return app
 
 
-def _view(target: Callable[[flask.Request], flask.Response]) -> Callable[[], flask.Response]:
-    def view() -> flask.Response:
+def _view(target: Callable[[flask.Request], flask.Response]) -> Callable[..., flask.Response]:
+    def view(**_: str) -> flask.Response:
         return target(flask.request)
 
     return view

@@ -11,6 +11,7 @@ from typing import Any
 
 import flask
 
+from shared import batch
 from shared.api import endpoint, log_fields, read_json
 from shared.engine import parse_inference_request
 from shared.errors import ValidationError
@@ -57,3 +58,42 @@ def healthz(request: flask.Request) -> Any:
     if problems:
         return {"status": "unavailable", "models": versions, "problems": problems}, 503
     return {"status": "ok", "models": versions}
+
+
+@endpoint("POST")
+def infer_batch(request: flask.Request) -> Any:
+    """POST /api/v1/skills/infer/batch: many requests, one vectorized call per skill; bad items fail alone."""
+    services = get_services()
+    body = read_json(request, services.settings.max_batch_request_bytes)
+    result = batch.infer_batch(services, body)
+    log_fields(items=len(result["results"]), succeeded=result["succeeded"], failed=result["failed"])
+    return result
+
+
+@endpoint("POST")
+def nightly(request: flask.Request) -> Any:
+    """POST /tasks/nightly (Cloud Scheduler): picks students with new data and enqueues one task per chunk."""
+    services = get_services()
+    body = read_json(request, services.settings.max_request_bytes, allow_empty=True)
+    full, run_id = batch.parse_nightly_request(body)
+    result = batch.dispatch_nightly(services, full=full, run_id=run_id)
+    log_fields(run_id=result["run_id"], students=result["students"], tasks=result["tasks"])
+    return result, 202
+
+
+@endpoint("POST")
+def batch_worker(request: flask.Request) -> Any:
+    """POST /tasks/batch-worker (Cloud Tasks): scores one chunk; answers only after its writes are committed."""
+    services = get_services()
+    body = read_json(request, services.settings.max_batch_request_bytes)
+    run_id, chunk, student_ids = batch.parse_chunk_request(body)
+    attempt = request.headers.get("X-CloudTasks-TaskRetryCount", "0")
+    log_fields(run_id=run_id, chunk=chunk, task=request.headers.get("X-CloudTasks-TaskName"), attempt=attempt)
+    return batch.score_chunk(services, run_id, chunk, student_ids, int(attempt) if attempt.isdigit() else 0)
+
+
+@endpoint("GET")
+def batch_run_status(request: flask.Request) -> Any:
+    """GET /api/v1/batch/runs/{run_id}: a run's progress (the run id is the path's last segment)."""
+    run_id = request.path.rstrip("/").rsplit("/", 1)[-1]
+    return batch.run_status(get_services(), run_id)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
-from shared.local_stack import ensure_demo_models, gunicorn_args
+from shared.local_stack import ensure_demo_models, ensure_demo_students, gunicorn_args
 from shared.logs import configure_logging
 from shared.services import Services
 from shared.settings import PROJECT_ROOT, Settings
@@ -22,6 +22,7 @@ def main() -> int:
     configure_logging(settings.log_level)
     services = Services(settings)
     ensure_demo_models(services, PROJECT_ROOT / "models" / "artifacts")
+    ensure_demo_students(services)
     print(f"serving on http://{settings.host}:{settings.port} with {settings.server_workers} workers (Ctrl-C stops)", flush=True)
     args = gunicorn_args(settings)
     os.execv(sys.executable, [sys.executable, "-m", "gunicorn", *args])

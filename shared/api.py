@@ -26,8 +26,9 @@ def error_response(error: ServiceError) -> flask.Response:
     return json_response(error.to_dict(), error.status, headers)
 
 
-def read_json(request: flask.Request, max_bytes: int) -> Any:
-    """Returns the parsed JSON body; raises PayloadTooLarge past max_bytes, InvalidJson if it does not parse."""
+def read_json(request: flask.Request, max_bytes: int, allow_empty: bool = False) -> Any:
+    """Returns the parsed JSON body (None for an empty body if allow_empty); raises PayloadTooLarge past
+    max_bytes, InvalidJson if it does not parse."""
     if request.content_length is not None and request.content_length > max_bytes:
         raise PayloadTooLarge(
             f"The request body has {request.content_length} bytes; the limit is {max_bytes}.", {"limit_bytes": max_bytes}
@@ -35,7 +36,9 @@ def read_json(request: flask.Request, max_bytes: int) -> Any:
     data = request.stream.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise PayloadTooLarge(f"The request body exceeds the limit of {max_bytes} bytes.", {"limit_bytes": max_bytes})
-    if not data:
+    if not data.strip():
+        if allow_empty:
+            return None
         raise InvalidJson("The request body is empty; send a JSON object.")
     try:
         return json.loads(data)

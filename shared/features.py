@@ -32,6 +32,9 @@ class FeatureSchema:
         self._index = {name: i for i, name in enumerate(self.names)}
         self._rules = [(f.name, f.required, f.default, f.min, f.max) for f in spec.features]
         self.defaults = np.array([f.default for f in spec.features], dtype=np.float64)
+        self.minimums = np.array([f.min for f in spec.features], dtype=np.float64)
+        self.maximums = np.array([f.max for f in spec.features], dtype=np.float64)
+        self.required = np.array([f.required for f in spec.features], dtype=bool)
 
     def prepare(self, features: Mapping[str, Any], field: str = "features") -> PreparedFeatures:
         """Returns the row in model order.
@@ -80,3 +83,28 @@ class FeatureSchema:
         if not rows:
             return np.empty((0, len(self.names)), dtype=np.float64)
         return np.array([r.values for r in rows], dtype=np.float64)
+
+    def prepare_matrix(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+        """Vectorized preparation of many rows in model order, NaN marking a missing value.
+
+        Returns the rows with defaults imputed, a mask of the valid rows, and for each invalid row
+        the first problem found (a missing required feature, infinity, or a value out of range).
+        """
+        missing = np.isnan(X)
+        with np.errstate(invalid="ignore"):
+            out_of_range = ~missing & ((X < self.minimums) | (X > self.maximums))
+        bad = (missing & self.required) | out_of_range
+        valid = ~bad.any(axis=1)
+        problems: dict[int, str] = {}
+        for row in np.flatnonzero(~valid):
+            column = int(np.flatnonzero(bad[row])[0])
+            name = self.names[column]
+            if missing[row, column]:
+                problems[int(row)] = f"features.{name}: is required"
+            elif not np.isfinite(X[row, column]):
+                problems[int(row)] = f"features.{name}: must be a finite number"
+            else:
+                problems[int(row)] = (
+                    f"features.{name}: must be between {self.minimums[column]:g} and {self.maximums[column]:g}"
+                )
+        return np.where(missing, self.defaults, X), valid, problems

@@ -44,6 +44,21 @@ def ensure_demo_models(services: Services, trained_dir: Path, seed: int = 7) -> 
     return missing
 
 
+def ensure_demo_students(services: Services, count: int = 1000, seed: int = 11) -> int:
+    """Seeds the feature store with demo students if it is empty; returns how many were added."""
+    if services.features.count() > 0:
+        return 0
+    from shared.feature_store import load_feature_file, write_cohort_jsonl
+    from shared.synthetic import generate_cohort
+
+    cohort = generate_cohort(services.catalog, count, seed)
+    path = Path(tempfile.mkdtemp(prefix="skills-demo-")) / "demo_students.jsonl"
+    write_cohort_jsonl(path, cohort.student_ids, cohort.features, cohort.teacher_ratings)
+    report = load_feature_file(services.features, services.catalog, path)
+    log.info("seeded demo students", extra={"students": report.accepted})
+    return report.accepted
+
+
 class LocalServer:
     """A local server process (gunicorn serving functions/local_server.py) on 127.0.0.1, for tests and benchmarks.
 

@@ -6,13 +6,17 @@ import threading
 from functools import cached_property
 
 from shared.artifacts import ArtifactStore, open_artifact_store
+from shared.assessments import AssessmentStore, SqliteAssessmentStore
 from shared.catalog import SkillCatalog
 from shared.engine import InferenceEngine
 from shared.errors import ConfigError
+from shared.feature_store import FeatureStore, SqliteFeatureStore
 from shared.logs import configure_logging
 from shared.registry import ModelRegistry, SqliteRegistryBackend
+from shared.runs import RunStore, SqliteRunStore
 from shared.settings import Settings
 from shared.sqlite import SqliteDatabase, open_database, sqlite_path
+from shared.tasks import LocalTaskQueue, TaskQueue
 
 
 class Services:
@@ -42,6 +46,32 @@ class Services:
     @cached_property
     def registry(self) -> ModelRegistry:
         return ModelRegistry(SqliteRegistryBackend(self.database))
+
+    @cached_property
+    def features(self) -> FeatureStore:
+        return SqliteFeatureStore(self.database)
+
+    @cached_property
+    def assessments(self) -> AssessmentStore:
+        return SqliteAssessmentStore(self.database)
+
+    @cached_property
+    def runs(self) -> RunStore:
+        return SqliteRunStore(self.database)
+
+    @cached_property
+    def tasks(self) -> TaskQueue:
+        if self.settings.task_queue != "local":
+            raise ConfigError(
+                f"Config 'TASK_QUEUE' has the unknown value {self.settings.task_queue!r}; known: local "
+                "(Cloud Tasks arrives with the GCP backends)."
+            )
+        return LocalTaskQueue(
+            self.database,
+            max_attempts=self.settings.task_max_attempts,
+            min_backoff_seconds=self.settings.task_min_backoff_seconds,
+            concurrency=self.settings.server_workers,
+        )
 
     @cached_property
     def engine(self) -> InferenceEngine:

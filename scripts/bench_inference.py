@@ -1,0 +1,671 @@
+"""Measures the online path end to end, on an embedded stack of its own, against the service's latency targets.
+
+    PYTHONPATH=. .venv/bin/python scripts/bench_inference.py [--quick]
+
+It builds a throwaway stack in a temp folder (the demo models are trained into models/artifacts if
+absent, then published there), and measures, in one run:
+
+1. in-process: one student scored on all seven skills through InferenceEngine.infer (ONNX Runtime),
+   and the same rows through ONNX Runtime and through XGBoost's Python API, model call only;
+2. HTTP, sequential: POST /api/v1/skills/infer next to the constant-JSON floor GET /_bench/constant,
+   one fresh connection per request for both (gunicorn's sync workers close every connection);
+3. HTTP throughput at concurrency 16 for both endpoints, from a separate load-generator process
+   (asyncio over raw sockets), with the CPU the generator and the server each used;
+4. cold start of a one-worker server to its first answered infer, the import time of the serving
+   modules, and whether a serving process has imported xgboost or sklearn;
+5. resident memory of a serving worker with all seven models loaded, and of the gunicorn master.
+
+It prints a table, each figure beside its target with PASS or MISS, then one JSON line with every
+figure. A MISS does not change the exit status; a failed request or a broken stack does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import math
+import os
+import random
+import re
+import resource
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import psutil
+
+from functions.local_server import FLOOR_PATH
+from shared.catalog import SkillCatalog
+from shared.engine import InferenceRequest
+from shared.local_stack import LocalServer, ensure_demo_models, free_port, gunicorn_args
+from shared.services import Services
+from shared.settings import PROJECT_ROOT, Settings
+
+INFER_PATH = "/api/v1/skills/infer"
+HOST = "127.0.0.1"
+CONCURRENCY = 16
+SERVER_WORKERS = 2  # the shape tests/conftest.py's live_server and this benchmark run
+SEED = 20240611
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much of each measurement to do: the full run, or the smoke run of --quick."""
+
+    inproc_iterations: int
+    inproc_warmup: int
+    http_sequential: int
+    load_seconds: float
+    load_max_requests: int
+    cold_starts: int
+    import_runs: int
+
+    @classmethod
+    def full(cls) -> Plan:
+        return cls(2_000, 300, 1_000, 8.0, 20_000, 3, 3)
+
+    @classmethod
+    def quick(cls) -> Plan:
+        return cls(200, 50, 100, 1.5, 2_000, 1, 1)
+
+
+# -- figures, targets and the report ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """A figure's goal: at most (or at least) a value."""
+
+    limit: float
+    at_most: bool = True
+
+    def met(self, value: float) -> bool:
+        return value <= self.limit if self.at_most else value >= self.limit
+
+    def describe(self, unit: str) -> str:
+        return f"{'<' if self.at_most else '>='} {self.limit:g}{unit}"
+
+
+TARGETS: dict[str, Target] = {
+    "inproc_onnx_all7_p50_ms": Target(0.4),
+    "http_ratio_p50": Target(1.3),
+    "load_infer_rps": Target(1_000, at_most=False),
+    "cold_start_median_s": Target(1.0),
+    "worker_rss_mb": Target(150.0),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    key: str
+    unit: str
+    digits: int = 3
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Returns the nearest-rank q-quantile (q in [0, 1]) of non-empty values."""
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1))]
+
+
+def print_table(sections: list[tuple[str, list[Row]]], figures: dict[str, float]) -> None:
+    width = max(len(row.label) for _, rows in sections for row in rows) + 2
+    print()
+    print(f"{'figure'.ljust(width)}{'value':>14}   {'target':<12}verdict")
+    for title, rows in sections:
+        print(f"-- {title} " + "-" * max(0, width + 36 - len(title) - 4))
+        for row in rows:
+            value = figures[row.key]
+            target = TARGETS.get(row.key)
+            shown = f"{value:,.{row.digits}f}{row.unit}"
+            goal = target.describe(row.unit) if target else ""
+            verdict = ("PASS" if target.met(value) else "MISS") if target else ""
+            print(f"{row.label.ljust(width)}{shown:>14}   {goal:<12}{verdict}")
+
+
+# -- the stack under test --------------------------------------------------------------------------
+
+
+def stack_env(folder: Path) -> dict[str, str]:
+    """The environment of an embedded stack in folder; the log level stays the service default (INFO)."""
+    return {
+        "ARTIFACT_STORE": str(folder / "artifacts"),
+        "DATABASE_URL": str(folder / "skills.sqlite3"),
+        "MODEL_REFRESH_SECONDS": "30",
+    }
+
+
+def student_features(catalog: SkillCatalog, rng: random.Random) -> dict[str, float]:
+    """One student's value for every feature of the catalog: the default, jittered within the feature's range."""
+    values: dict[str, float] = {}
+    for spec in catalog:
+        for feature in spec.features:
+            if feature.name not in values:
+                spread = (feature.max - feature.min) * 0.1
+                values[feature.name] = min(feature.max, max(feature.min, rng.gauss(feature.default, spread)))
+    return values
+
+
+def skill_bodies(catalog: SkillCatalog, students: list[dict[str, float]]) -> list[dict[str, Any]]:
+    """Request bodies, one per student and skill, each carrying only the features its skill reads."""
+    return [
+        {
+            "student_id": f"student-{i:05d}",
+            "skill": spec.skill,
+            "features": {name: student[name] for name in spec.feature_names},
+        }
+        for i, student in enumerate(students)
+        for spec in catalog
+    ]
+
+
+def http_request(method: str, path: str, port: int, body: dict[str, Any] | None = None) -> bytes:
+    """The exact bytes of one HTTP/1.1 request that asks the server to close the connection after answering."""
+    head = f"{method} {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nConnection: close\r\n"
+    if body is None:
+        return (head + "\r\n").encode()
+    payload = json.dumps(body).encode()
+    return (head + f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n").encode() + payload
+
+
+def exchange(port: int, request: bytes, timeout: float = 10.0) -> tuple[int, bytes]:
+    """Sends one request on a fresh connection and reads the answer to EOF; returns (status, raw answer)."""
+    with socket.create_connection((HOST, port), timeout=timeout) as sock:
+        sock.sendall(request)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    answer = b"".join(chunks)
+    return (int(answer[9:12]) if answer[:5] == b"HTTP/" else 0), answer
+
+
+def expect_ok(port: int, request: bytes) -> dict[str, Any]:
+    status, answer = exchange(port, request)
+    if status != 200:
+        raise RuntimeError(f"expected 200, got {status}: {answer[:400]!r}")
+    return json.loads(answer.split(b"\r\n\r\n", 1)[1])
+
+
+# -- 1. in-process latency ---------------------------------------------------------------------------
+
+
+def time_all_skills(
+    run_one: Callable[[int, int], object], students: int, skills: int, iterations: int, warmup: int
+) -> list[float]:
+    """Returns milliseconds per iteration, each iteration scoring one student on every skill."""
+    for i in range(warmup):
+        for k in range(skills):
+            run_one(i % students, k)
+    timings = []
+    clock = time.perf_counter_ns
+    for i in range(iterations):
+        s = i % students
+        started = clock()
+        for k in range(skills):
+            run_one(s, k)
+        timings.append((clock() - started) / 1e6)
+    return timings
+
+
+def bench_in_process(services: Services, students: list[dict[str, float]], plan: Plan) -> dict[str, float]:
+    engine = services.engine
+    engine.refresh(force=True)
+    names = services.catalog.names
+    requests = [
+        [InferenceRequest(f"student-{s:05d}", skill, body) for skill, body in zip(names, per_skill)]
+        for s, per_skill in enumerate(
+            [[{n: student[n] for n in services.catalog.skill(skill).feature_names} for skill in names] for student in students]
+        )
+    ]
+    models = [engine.deployment(skill).production for skill in names]
+    matrices = [
+        [m.schema.matrix([m.schema.prepare(requests[s][k].features)]) for k, m in enumerate(models)]
+        for s in range(len(students))
+    ]
+    n, k, it, wu = len(students), len(names), plan.inproc_iterations, plan.inproc_warmup
+    serving = time_all_skills(lambda s, j: engine.infer(requests[s][j]), n, k, it, wu)
+    onnx = time_all_skills(lambda s, j: models[j].probabilities(matrices[s][j]), n, k, it, wu)
+    # The first call imports xgboost and parses the boosters; warm-up absorbs it.
+    booster = time_all_skills(lambda s, j: models[j].probabilities_booster(matrices[s][j]), n, k, it, wu)
+    figures = {
+        "inproc_onnx_all7_p50_ms": percentile(serving, 0.5),
+        "inproc_onnx_all7_p99_ms": percentile(serving, 0.99),
+        "inproc_onnx_model_all7_p50_ms": percentile(onnx, 0.5),
+        "inproc_onnx_model_all7_p99_ms": percentile(onnx, 0.99),
+        "inproc_xgb_model_all7_p50_ms": percentile(booster, 0.5),
+        "inproc_xgb_model_all7_p99_ms": percentile(booster, 0.99),
+    }
+    figures["inproc_xgb_over_onnx_p50"] = figures["inproc_xgb_model_all7_p50_ms"] / figures["inproc_onnx_model_all7_p50_ms"]
+    return figures
+
+
+# -- 2. and 3. HTTP ----------------------------------------------------------------------------------
+
+
+def bench_http_sequential(port: int, infer: list[bytes], floor: bytes, count: int) -> dict[str, float]:
+    """Alternates one infer and one floor request, so both see the same conditions; one connection each."""
+    infer_ms: list[float] = []
+    floor_ms: list[float] = []
+    clock = time.perf_counter_ns
+    for i in range(count):
+        for request, timings in ((infer[i % len(infer)], infer_ms), (floor, floor_ms)):
+            started = clock()
+            status, answer = exchange(port, request)
+            timings.append((clock() - started) / 1e6)
+            if status != 200:
+                raise RuntimeError(f"expected 200, got {status}: {answer[:400]!r}")
+    figures = {
+        "http_infer_p50_ms": percentile(infer_ms, 0.5),
+        "http_infer_p99_ms": percentile(infer_ms, 0.99),
+        "http_floor_p50_ms": percentile(floor_ms, 0.5),
+        "http_floor_p99_ms": percentile(floor_ms, 0.99),
+    }
+    figures["http_ratio_p50"] = figures["http_infer_p50_ms"] / figures["http_floor_p50_ms"]
+    figures["http_ratio_p99"] = figures["http_infer_p99_ms"] / figures["http_floor_p99_ms"]
+    return figures
+
+
+def server_cpu_seconds(master: psutil.Process) -> float:
+    """CPU time (user + system) of the master and its workers so far."""
+    total = 0.0
+    for process in [master, *master.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def run_load(port: int, requests: list[bytes], seconds: float, max_requests: int, master: psutil.Process) -> dict[str, float]:
+    """Runs the load generator in its own process; returns its report plus the server's CPU use."""
+    spec = {
+        "port": port,
+        "requests": [base64.b64encode(r).decode() for r in requests],
+        "seconds": seconds,
+        "max_requests": max_requests,
+        "concurrency": CONCURRENCY,
+    }
+    before = server_cpu_seconds(master)
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--load-generator"],
+        input=json.dumps(spec).encode(),
+        capture_output=True,
+        timeout=seconds + 60,
+        check=True,
+        cwd=PROJECT_ROOT,
+        env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
+    )
+    report = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    report["server_cores"] = (server_cpu_seconds(master) - before) / report["wall_s"]
+    if report["errors"] or not report["ok"]:
+        raise RuntimeError(f"load on port {port}: {report['errors']} failed requests, {report['ok']} answered")
+    return report
+
+
+def load_generator() -> int:
+    """The load generator's own process: reads its spec on stdin, prints one JSON report line."""
+    spec = json.loads(sys.stdin.read())
+    report = asyncio.run(_generate_load(spec))
+    print(json.dumps(report))
+    return 0
+
+
+async def _generate_load(spec: dict[str, Any]) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    address = (HOST, int(spec["port"]))
+    requests = [base64.b64decode(r) for r in spec["requests"]]
+    max_requests = int(spec["max_requests"])
+    clock = time.perf_counter
+    latencies: list[float] = []
+    state = {"issued": 0, "errors": 0}
+    cpu_before = resource.getrusage(resource.RUSAGE_SELF)
+    started = clock()
+    deadline = started + float(spec["seconds"])
+
+    async def client() -> None:
+        while state["issued"] < max_requests and clock() < deadline:
+            request = requests[state["issued"] % len(requests)]
+            state["issued"] += 1
+            sent = clock()
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            head = b""
+            try:
+                await loop.sock_connect(sock, address)
+                await loop.sock_sendall(sock, request)
+                while chunk := await loop.sock_recv(sock, 65536):
+                    head = head or chunk
+            except OSError:
+                state["errors"] += 1
+                continue
+            finally:
+                sock.close()
+            if head[9:12] == b"200":
+                latencies.append(clock() - sent)
+            else:
+                state["errors"] += 1
+
+    await asyncio.gather(*(client() for _ in range(int(spec["concurrency"]))))
+    wall = clock() - started
+    cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+    return {
+        "ok": len(latencies),
+        "errors": state["errors"],
+        "wall_s": wall,
+        "rps": len(latencies) / wall,
+        "p50_ms": percentile(latencies, 0.5) * 1000 if latencies else 0.0,
+        "p99_ms": percentile(latencies, 0.99) * 1000 if latencies else 0.0,
+        "generator_cores": cpu / wall,
+        "generator_cpu_us_per_request": cpu / max(1, len(latencies) + state["errors"]) * 1e6,
+    }
+
+
+def bench_http(env: dict[str, str], infer: Callable[[int], list[bytes]], plan: Plan) -> dict[str, float]:
+    port = free_port()
+    server = LocalServer(env, port, workers=SERVER_WORKERS)
+    try:
+        server.start()
+        assert server.process is not None
+        master = psutil.Process(server.process.pid)
+        infer_requests = infer(port)
+        floor = http_request("GET", FLOOR_PATH, port)
+        # Warm every worker (each loads its models on its first infer) under concurrent load.
+        run_load(port, infer_requests, 1.0 if plan.load_seconds > 2 else 0.5, 2_000, master)
+        figures = bench_http_sequential(port, infer_requests, floor, plan.http_sequential)
+        loaded_infer = run_load(port, infer_requests, plan.load_seconds, plan.load_max_requests, master)
+        loaded_floor = run_load(port, [floor], plan.load_seconds, plan.load_max_requests, master)
+        for name, report in (("infer", loaded_infer), ("floor", loaded_floor)):
+            for key in ("rps", "p50_ms", "p99_ms", "generator_cores", "generator_cpu_us_per_request", "server_cores"):
+                figures[f"load_{name}_{key}"] = report[key]
+            figures[f"load_{name}_requests"] = report["ok"]
+        figures["load_ratio_rps"] = figures["load_floor_rps"] / figures["load_infer_rps"]
+        workers = master.children()
+        figures["loaded_worker_rss_max_mb"] = max(w.memory_info().rss for w in workers) / 2**20
+        return figures
+    finally:
+        server.stop()
+        Path(server.log_file.name).unlink(missing_ok=True)
+
+
+# -- 4. and 5. cold start, imports, memory ----------------------------------------------------------
+
+
+def server_process_env(env: dict[str, str], port: int, workers: int) -> dict[str, str]:
+    """The environment LocalServer gives its gunicorn process."""
+    full = {**os.environ, **env, "PORT": str(port), "HOST": HOST, "SERVER_WORKERS": str(workers)}
+    full["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), full.get("PYTHONPATH", "")) if p)
+    return full
+
+
+def cold_start(env: dict[str, str], bodies: list[dict[str, Any]], skills: list[str], log_path: Path) -> dict[str, Any]:
+    """Starts a one-worker gunicorn and polls POST infer until it answers 200; then loads every skill and weighs the processes."""
+    port = free_port()
+    full = server_process_env(env, port, 1)
+    command = [sys.executable, "-m", "gunicorn", *gunicorn_args(Settings.from_env(full))]
+    request = http_request("POST", INFER_PATH, port, bodies[0])
+    with open(log_path, "wb") as log:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, env=full, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = started + 60
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"cold-start server exited with {process.returncode}:\n{log_path.read_text()}")
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"cold-start server did not answer within 60 s:\n{log_path.read_text()}")
+            try:
+                status, _ = exchange(port, request, timeout=30)
+            except OSError:
+                status = 0
+            if status == 200:
+                break
+            time.sleep(0.005)
+        elapsed = time.perf_counter() - started
+        healthz = expect_ok(port, http_request("GET", "/healthz", port))
+        if sorted(healthz["models"]) != sorted(skills):
+            raise RuntimeError(f"/healthz serves {sorted(healthz['models'])}, not every skill")
+        for body in bodies[: len(skills)]:
+            expect_ok(port, http_request("POST", INFER_PATH, port, body))
+        master = psutil.Process(process.pid)
+        (worker,) = master.children()
+        mapped = " ".join(m.path for m in worker.memory_maps())
+        return {
+            "seconds": elapsed,
+            "worker_rss_mb": worker.memory_info().rss / 2**20,
+            "worker_uss_mb": worker.memory_full_info().uss / 2**20,
+            "master_rss_mb": master.memory_info().rss / 2**20,
+            "worker_maps_xgboost": "/xgboost/" in mapped,
+            "worker_maps_sklearn": "/sklearn/" in mapped,
+            "model_load_ms": _logged_model_load_ms(log_path),
+        }
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _logged_model_load_ms(log_path: Path) -> float:
+    """Sums the engine's `model loaded` log lines: how much of the cold start went to loading models."""
+    total = 0.0
+    for line in log_path.read_text(errors="replace").splitlines():
+        if '"model loaded"' in line:
+            try:
+                total += float(json.loads(line)["load_ms"])
+            except (ValueError, KeyError):
+                continue
+    return total
+
+
+IMPORT_PROBE = """
+import json, sys, time
+started = time.perf_counter()
+import shared.engine, functions.main
+print(json.dumps({"seconds": time.perf_counter() - started}))
+"""
+
+SERVING_PROBE = """
+import json, sys
+from functions.local_server import create_app
+body = json.loads(sys.argv[1])
+response = create_app().test_client().post("/api/v1/skills/infer", json=body)
+print(json.dumps({
+    "status": response.status_code,
+    "xgboost": "xgboost" in sys.modules,
+    "sklearn": "sklearn" in sys.modules,
+    "onnxruntime": "onnxruntime" in sys.modules,
+}))
+"""
+
+
+def run_probe(code: str, env: dict[str, str], *args: str, python_flags: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *python_flags, "-c", code, *args],
+        env={**os.environ, **env, "PYTHONPATH": str(PROJECT_ROOT), "LOG_LEVEL": "WARNING"},
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+
+
+def slowest_imports(importtime_stderr: str, count: int = 6) -> list[tuple[str, float]]:
+    """Returns the top-level packages with the largest cumulative import time in `-X importtime` output (ms)."""
+    cumulative: dict[str, float] = {}
+    for line in importtime_stderr.splitlines():
+        match = re.match(r"import time:\s+\d+ \|\s+(\d+) \| (\s*)(\S+)", line)
+        if match and len(match.group(2)) <= 1:  # depth 0: imported by the probe itself or its direct imports
+            name = match.group(3)
+            cumulative[name] = max(cumulative.get(name, 0.0), int(match.group(1)) / 1000)
+    return sorted(cumulative.items(), key=lambda item: -item[1])[:count]
+
+
+def bench_startup(env: dict[str, str], bodies: list[dict[str, Any]], skills: list[str], folder: Path, plan: Plan) -> tuple[dict[str, float], dict[str, Any]]:
+    runs = [cold_start(env, bodies, skills, folder / f"cold-{i}.log") for i in range(plan.cold_starts)]
+    imports = [json.loads(run_probe(IMPORT_PROBE, env).stdout)["seconds"] for _ in range(plan.import_runs)]
+    importtime = run_probe("import shared.engine, functions.main", env, python_flags=("-X", "importtime"))
+    serving = json.loads(run_probe(SERVING_PROBE, env, json.dumps(bodies[0])).stdout)
+    if serving["status"] != 200:
+        raise RuntimeError(f"the serving probe's infer answered {serving['status']}")
+    last = runs[-1]
+    figures = {
+        "cold_start_median_s": statistics.median(r["seconds"] for r in runs),
+        "cold_start_max_s": max(r["seconds"] for r in runs),
+        "cold_start_model_load_ms": statistics.median(r["model_load_ms"] for r in runs),
+        "import_serving_modules_s": statistics.median(imports),
+        "worker_rss_mb": last["worker_rss_mb"],
+        "worker_uss_mb": last["worker_uss_mb"],
+        "master_rss_mb": last["master_rss_mb"],
+    }
+    checks = {
+        "xgboost_imported_after_infer": serving["xgboost"],
+        "sklearn_imported_after_infer": serving["sklearn"],
+        "onnxruntime_imported_after_infer": serving["onnxruntime"],
+        "gunicorn_worker_maps_xgboost": last["worker_maps_xgboost"],
+        "gunicorn_worker_maps_sklearn": last["worker_maps_sklearn"],
+        "slowest_imports_ms": dict(slowest_imports(importtime.stderr)),
+    }
+    return figures, checks
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+
+SECTIONS: list[tuple[str, list[Row]]] = [
+    ("1. in process: one student, all 7 skills", [
+        Row("engine.infer x7 (ONNX) p50", "inproc_onnx_all7_p50_ms", " ms"),
+        Row("engine.infer x7 (ONNX) p99", "inproc_onnx_all7_p99_ms", " ms"),
+        Row("model call x7, ONNX Runtime p50", "inproc_onnx_model_all7_p50_ms", " ms"),
+        Row("model call x7, ONNX Runtime p99", "inproc_onnx_model_all7_p99_ms", " ms"),
+        Row("model call x7, XGBoost inplace_predict p50", "inproc_xgb_model_all7_p50_ms", " ms"),
+        Row("model call x7, XGBoost inplace_predict p99", "inproc_xgb_model_all7_p99_ms", " ms"),
+        Row("XGBoost / ONNX (model call p50)", "inproc_xgb_over_onnx_p50", "x", 2),
+    ]),
+    ("2. HTTP sequential, one connection per request", [
+        Row("POST infer p50", "http_infer_p50_ms", " ms"),
+        Row("POST infer p99", "http_infer_p99_ms", " ms"),
+        Row("GET floor p50", "http_floor_p50_ms", " ms"),
+        Row("GET floor p99", "http_floor_p99_ms", " ms"),
+        Row("infer / floor p50", "http_ratio_p50", "x", 2),
+        Row("infer / floor p99", "http_ratio_p99", "x", 2),
+    ]),
+    (f"3. HTTP load, concurrency {CONCURRENCY}", [
+        Row("POST infer rps", "load_infer_rps", "", 0),
+        Row("POST infer p50 under load", "load_infer_p50_ms", " ms", 2),
+        Row("POST infer p99 under load", "load_infer_p99_ms", " ms", 2),
+        Row("  server CPU (cores)", "load_infer_server_cores", "", 2),
+        Row("  generator CPU (cores)", "load_infer_generator_cores", "", 2),
+        Row("GET floor rps", "load_floor_rps", "", 0),
+        Row("GET floor p50 under load", "load_floor_p50_ms", " ms", 2),
+        Row("GET floor p99 under load", "load_floor_p99_ms", " ms", 2),
+        Row("  server CPU (cores)", "load_floor_server_cores", "", 2),
+        Row("  generator CPU (cores)", "load_floor_generator_cores", "", 2),
+        Row("generator CPU per request", "load_floor_generator_cpu_us_per_request", " us", 0),
+        Row("floor rps / infer rps", "load_ratio_rps", "x", 2),
+    ]),
+    ("4. cold start (1 worker, to first infer 200)", [
+        Row("cold start median", "cold_start_median_s", " s"),
+        Row("cold start max", "cold_start_max_s", " s"),
+        Row("  of which loading 7 models", "cold_start_model_load_ms", " ms", 1),
+        Row("import shared.engine, functions.main", "import_serving_modules_s", " s"),
+    ]),
+    ("5. memory, all 7 models loaded", [
+        Row("gunicorn worker RSS", "worker_rss_mb", " MB", 1),
+        Row("gunicorn worker USS", "worker_uss_mb", " MB", 1),
+        Row("gunicorn master RSS", "master_rss_mb", " MB", 1),
+        Row("worker RSS after the load runs (max)", "loaded_worker_rss_max_mb", " MB", 1),
+    ]),
+]
+
+
+def run(plan: Plan, quick: bool) -> int:
+    with tempfile.TemporaryDirectory(prefix="skills-bench-") as temp:
+        folder = Path(temp)
+        env = stack_env(folder)
+        settings = Settings.from_env(env).replace(batch_threads=1)
+        services = Services(settings)
+        published = ensure_demo_models(services, PROJECT_ROOT / "models" / "artifacts")
+        catalog = services.catalog
+        rng = random.Random(SEED)
+        students = [student_features(catalog, rng) for _ in range(64)]
+        bodies = skill_bodies(catalog, students)
+        print(f"stack in {folder}: published {len(published)} demo models; {os.cpu_count()} cores", flush=True)
+
+        figures: dict[str, float] = {}
+        print("1/4 in-process latency ...", flush=True)
+        figures.update(bench_in_process(services, students, plan))
+        print("2/4 cold start, imports, memory ...", flush=True)
+        startup, checks = bench_startup(env, bodies, catalog.names, folder, plan)
+        figures.update(startup)
+        print("3/4 HTTP sequential and under load ...", flush=True)
+        figures.update(
+            bench_http(env, lambda port: [http_request("POST", INFER_PATH, port, b) for b in bodies], plan)
+        )
+
+    server = {
+        "workers": SERVER_WORKERS,
+        "cold_start_workers": 1,
+        "threads": int(_arg_after(gunicorn_args(settings), "--threads")),
+        "worker_class": _arg_after(gunicorn_args(settings), "--worker-class"),
+        "log_level": settings.log_level,
+        "onnx_threads": settings.onnx_threads,
+        "cores": os.cpu_count() or 1,
+    }
+    print_table(SECTIONS, figures)
+    print()
+    print(
+        f"server: gunicorn {server['workers']} workers x {server['threads']} thread, {server['worker_class']} worker class, "
+        f"LOG_LEVEL={server['log_level']} (one JSON log line per request), ONNX_THREADS={server['onnx_threads']}, "
+        f"{server['cores']} cores shared with the load generator"
+    )
+    print(
+        "after one infer in a fresh serving process: "
+        f"xgboost imported={checks['xgboost_imported_after_infer']}, sklearn imported={checks['sklearn_imported_after_infer']}, "
+        f"onnxruntime imported={checks['onnxruntime_imported_after_infer']}; gunicorn worker maps xgboost="
+        f"{checks['gunicorn_worker_maps_xgboost']}, sklearn={checks['gunicorn_worker_maps_sklearn']}"
+    )
+    print("slowest imports (cumulative ms): " + ", ".join(f"{k} {v:.0f}" for k, v in checks["slowest_imports_ms"].items()))
+    verdicts = {key: target.met(figures[key]) for key, target in TARGETS.items()}
+    print(json.dumps({
+        "bench": "inference",
+        "quick": quick,
+        "figures": {k: round(v, 4) for k, v in figures.items()},
+        "targets": {k: {"value": round(figures[k], 4), "target": t.describe(""), "pass": verdicts[k]} for k, t in TARGETS.items()},
+        "checks": checks,
+        "server": server,
+    }))
+    return 0
+
+
+def _arg_after(args: list[str], flag: str) -> str:
+    return args[args.index(flag) + 1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a short smoke run with small iteration counts")
+    parser.add_argument("--load-generator", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.load_generator:
+        return load_generator()
+    return run(Plan.quick() if args.quick else Plan.full(), args.quick)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

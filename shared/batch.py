@@ -1,0 +1,304 @@
+"""Batch scoring: the ad-hoc batch endpoint, the nightly dispatcher that fans out chunks, and the chunk worker."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from datetime import datetime, timezone
+from typing import Any, Sequence
+
+import numpy as np
+
+from shared.assessments import Assessment
+from shared.clock import now_iso
+from shared.engine import InferenceRequest, parse_inference_request
+from shared.errors import NotFound, ServiceError, StoreUnavailable, ValidationError
+from shared.feature_store import ScoredMarker, StudentFeatures
+from shared.runs import Chunk, Run
+from shared.services import Services
+from shared.skill_model import confidence_from_probability
+from shared.tasks import Task
+
+log = logging.getLogger(__name__)
+
+RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
+MAX_CHUNK_STUDENTS = 10_000
+WRITE_BATCH = 500  # Firestore's limit of writes per batch; the SQLite store takes it whole
+
+
+# -- ad-hoc batch endpoint --------------------------------------------------------------------------
+
+
+def infer_batch(services: Services, body: Any) -> dict[str, Any]:
+    """Scores every item of `{"items": [...]}`, one vectorized call per skill and model version.
+
+    A bad item fails only itself: its result carries its error. Raises ValidationError only for a
+    malformed envelope (not an object, no items, too many).
+    """
+    limit = services.settings.max_batch_items
+    if not isinstance(body, dict):
+        raise ValidationError([{"field": "body", "problem": "must be a JSON object with an items array"}])
+    items = body.get("items")
+    if not isinstance(items, list) or not 1 <= len(items) <= limit:
+        raise ValidationError([{"field": "items", "problem": f"must be an array of 1 to {limit} infer requests"}])
+    results: list[dict[str, Any]] = [{}] * len(items)
+    parsed: list[InferenceRequest] = []
+    positions: list[int] = []
+    for index, item in enumerate(items):
+        try:
+            parsed.append(parse_inference_request(item, services.catalog))
+            positions.append(index)
+        except ServiceError as exc:
+            results[index] = _item_error(index, item, exc)
+    for index, request, outcome in zip(positions, parsed, services.engine.infer_many(parsed)):
+        if isinstance(outcome, ServiceError):
+            results[index] = _item_error(index, items[index], outcome)
+        else:
+            results[index] = {**outcome, "index": index}
+    failed = sum(1 for r in results if "error" in r)
+    return {"results": results, "succeeded": len(items) - failed, "failed": failed}
+
+
+def _item_error(index: int, item: Any, error: ServiceError) -> dict[str, Any]:
+    student_id = item.get("student_id") if isinstance(item, dict) else None
+    skill = item.get("skill") if isinstance(item, dict) else None
+    return {
+        "index": index,
+        "student_id": student_id if isinstance(student_id, str) else None,
+        "skill": skill if isinstance(skill, str) else None,
+        **error.to_dict(),
+    }
+
+
+# -- nightly dispatcher -----------------------------------------------------------------------------
+
+
+def models_signature(versions: dict[str, str]) -> str:
+    """Returns one string naming the model version of every skill, e.g. `communication=1.0.0;...`."""
+    return ";".join(f"{skill}={versions[skill]}" for skill in sorted(versions))
+
+
+def production_versions(services: Services) -> dict[str, str]:
+    """Returns each skill's production version from the registry (without loading any model)."""
+    return {
+        skill: next(v.version for v in versions if v.stage == "production")
+        for skill, versions in services.registry.serving().items()
+        if skill in services.catalog and any(v.stage == "production" for v in versions)
+    }
+
+
+def parse_nightly_request(body: Any) -> tuple[bool, str | None]:
+    """Returns (full, run_id) from the dispatcher's optional body; raises ValidationError."""
+    if body is None:
+        return False, None
+    if not isinstance(body, dict):
+        raise ValidationError([{"field": "body", "problem": "must be a JSON object"}])
+    problems = []
+    full = body.get("full", False)
+    if not isinstance(full, bool):
+        problems.append({"field": "full", "problem": "must be true or false"})
+    run_id = body.get("run_id")
+    if run_id is not None and (not isinstance(run_id, str) or not RUN_ID.match(run_id)):
+        problems.append({"field": "run_id", "problem": "must be 1 to 100 letters, digits, '-' or '_'"})
+    if problems:
+        raise ValidationError(problems)
+    return full, run_id
+
+
+def task_name(run_id: str, chunk: int) -> str:
+    return f"{run_id}-chunk-{chunk:06d}"
+
+
+def dispatch_nightly(services: Services, full: bool = False, run_id: str | None = None) -> dict[str, Any]:
+    """Starts (or resumes) a run: picks the students to score, splits them into chunks, enqueues a task each.
+
+    Incremental by default: a student is picked if their features changed since they were last
+    scored or a skill's production version changed. The run id defaults to the UTC date, and task
+    names derive from it, so firing twice for one run enqueues nothing new.
+    """
+    run_id = run_id or "nightly-" + datetime.now(timezone.utc).strftime("%Y%m%d")
+    runs = services.runs
+    if runs.get(run_id) is None:
+        versions = production_versions(services)
+        signature = models_signature(versions)
+        students = [s.student_id for s in services.features.scan() if full or s.needs_scoring(signature)]
+        size = services.settings.batch_chunk_size
+        chunks = [Chunk(run_id, i, students[start : start + size]) for i, start in enumerate(range(0, len(students), size))]
+        started = now_iso()
+        run = Run(
+            run_id=run_id,
+            full=full,
+            models=signature,
+            started_at=started,
+            students_total=len(students),
+            tasks_total=len(chunks),
+            finished_at=started if not chunks else None,
+        )
+        runs.create(run, chunks)
+    chunks = runs.chunks(run_id)
+    enqueued = 0
+    for chunk in chunks:
+        task = Task(
+            task_name(run_id, chunk.chunk),
+            services.settings.worker_url,
+            {"run_id": run_id, "chunk": chunk.chunk, "student_ids": chunk.student_ids},
+        )
+        enqueued += services.tasks.enqueue(task)
+    run = runs.get(run_id)
+    log.info(
+        "nightly run dispatched",
+        extra={"run_id": run_id, "students": run.students_total if run else 0, "tasks": len(chunks), "enqueued": enqueued},
+    )
+    return {"run_id": run_id, "students": run.students_total if run else 0, "tasks": len(chunks)}
+
+
+def run_status(services: Services, run_id: str) -> dict[str, Any]:
+    """Returns a run's progress; raises NotFound."""
+    run = services.runs.get(run_id) if RUN_ID.match(run_id) else None
+    if run is None:
+        raise NotFound(f"No batch run {run_id!r}.")
+    return run.to_dict()
+
+
+# -- chunk worker -----------------------------------------------------------------------------------
+
+
+def parse_chunk_request(body: Any) -> tuple[str, int, list[str]]:
+    """Returns (run_id, chunk, student_ids) of a worker task; raises ValidationError."""
+    if not isinstance(body, dict):
+        raise ValidationError([{"field": "body", "problem": "must be a JSON object"}])
+    problems = []
+    run_id, chunk, student_ids = body.get("run_id"), body.get("chunk"), body.get("student_ids")
+    if not isinstance(run_id, str) or not RUN_ID.match(run_id):
+        problems.append({"field": "run_id", "problem": "must be 1 to 100 letters, digits, '-' or '_'"})
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+        problems.append({"field": "chunk", "problem": "must be a non-negative integer"})
+    if (
+        not isinstance(student_ids, list)
+        or len(student_ids) > MAX_CHUNK_STUDENTS
+        or not all(isinstance(s, str) and 1 <= len(s) <= 128 for s in student_ids)
+    ):
+        problems.append(
+            {"field": "student_ids", "problem": f"must be an array of up to {MAX_CHUNK_STUDENTS} student ids"}
+        )
+    if problems:
+        raise ValidationError(problems)
+    return run_id, chunk, student_ids  # type: ignore[return-value]
+
+
+def feature_matrix(students: Sequence[StudentFeatures], names: Sequence[str]) -> tuple[np.ndarray, dict[int, str]]:
+    """Returns one row per student over the named features (NaN where missing) and the rows holding a
+    stored value that is not a number, with the reason."""
+    X = np.full((len(students), len(names)), np.nan)
+    bad: dict[int, str] = {}
+    for i, student in enumerate(students):
+        stored = student.features
+        row = X[i]
+        for j, name in enumerate(names):
+            value = stored.get(name)
+            if value is None:
+                continue
+            if type(value) is float or type(value) is int:
+                row[j] = value
+            else:
+                bad.setdefault(i, f"features.{name}: stored value is not a number")
+    return X, bad
+
+
+def score_chunk(
+    services: Services, run_id: str, chunk: int, student_ids: Sequence[str], attempt: int = 0
+) -> dict[str, int]:
+    """Scores a chunk's students on every skill and stores the assessments; returns the counts.
+
+    Writes are idempotent (deterministic ids), so a retried chunk overwrites its earlier attempt.
+    A student with invalid or missing stored features is recorded as failed on the run (a permanent
+    problem, not retried); a store that cannot be reached raises StoreUnavailable, so the queue retries.
+    """
+    started = time.perf_counter()
+    if services.runs.get(run_id) is None:
+        raise NotFound(f"No batch run {run_id!r}.")
+    stored = services.features.get_many(student_ids)
+    failed: dict[str, str] = {}
+    students: list[StudentFeatures] = []
+    for student_id in dict.fromkeys(student_ids):
+        if student_id in stored:
+            students.append(stored[student_id])
+        else:
+            failed[student_id] = "no features are stored for this student"
+
+    names = sorted({name for skill in services.catalog for name in skill.feature_names})
+    column = {name: j for j, name in enumerate(names)}
+    X_all, bad_rows = feature_matrix(students, names)
+    for row, reason in bad_rows.items():
+        failed.setdefault(students[row].student_id, reason)
+
+    assessed_at = now_iso()
+    assessments: list[Assessment] = []
+    versions: dict[str, str] = {}
+    keep_contributions = services.settings.store_contributions
+    for spec in services.catalog:
+        model = services.engine.deployment(spec.skill).production
+        versions[spec.skill] = model.version
+        X = X_all[:, [column[name] for name in model.feature_names]]
+        filled, valid, problems = model.schema.prepare_matrix(X)
+        for row in bad_rows:
+            valid[row] = False
+        for row, problem in problems.items():
+            failed.setdefault(students[row].student_id, f"{spec.skill}: {problem}")
+        rows = np.flatnonzero(valid)
+        if rows.size == 0:
+            continue
+        scores = model.probabilities_booster(filled[rows])
+        confidences = confidence_from_probability(scores)
+        contributions = model.contributions(filled[rows]) if keep_contributions else None
+        for k, row in enumerate(rows):
+            student = students[row]
+            assessments.append(
+                Assessment(
+                    run_id=run_id,
+                    student_id=student.student_id,
+                    skill=spec.skill,
+                    score=float(scores[k]),
+                    confidence=float(confidences[k]),
+                    model_version=model.version,
+                    features_hash=student.features_hash,
+                    assessed_at=assessed_at,
+                    contributions=model.top_contributions(filled[row], contributions[k]) if contributions is not None else None,
+                )
+            )
+    scoring_seconds = time.perf_counter() - started
+
+    inject_fault = chunk in services.settings.chaos_fail_chunks and attempt == 0
+    for start in range(0, len(assessments), WRITE_BATCH):
+        if inject_fault and start >= len(assessments) // 2:
+            # Fault drill (CHAOS_FAIL_CHUNKS): the first attempt dies after writing part of its chunk.
+            raise StoreUnavailable(f"Injected fault in chunk {chunk} of run {run_id} (CHAOS_FAIL_CHUNKS).")
+        services.assessments.write(assessments[start : start + WRITE_BATCH])
+    signature = models_signature(versions)
+    services.features.mark_scored(
+        [ScoredMarker(s.student_id, s.features_hash, signature) for s in students if s.student_id not in failed]
+    )
+    scored = sum(1 for s in students if s.student_id not in failed)
+    run = services.runs.record_chunk(
+        run_id, chunk, scored, [{"student_id": sid, "reason": reason} for sid, reason in failed.items()]
+    )
+    seconds = time.perf_counter() - started
+    log.info(
+        "chunk scored",
+        extra={
+            "run_id": run_id,
+            "chunk": chunk,
+            "attempt": attempt,
+            "students": len(student_ids),
+            "scored": scored,
+            "failed": len(failed),
+            "assessments": len(assessments),
+            "scoring_ms": round(scoring_seconds * 1000, 1),
+            "processing_ms": round(seconds * 1000, 1),
+            "students_per_second": round(len(student_ids) / seconds, 1) if seconds > 0 else math.inf,
+            "run_status": run.status,
+        },
+    )
+    return {"scored": scored, "failed": len(failed)}

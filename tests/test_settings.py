@@ -1,0 +1,116 @@
+"""Settings: defaults, parsing, and a ConfigError naming the variable for every malformed value."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from shared.errors import ConfigError
+from shared.settings import PROJECT_ROOT, Settings
+
+
+def test_defaults_from_an_empty_environment() -> None:
+    settings = Settings.from_env({})
+    assert settings.host == "127.0.0.1"
+    assert settings.port == 8080
+    assert settings.server_workers >= 1
+    assert settings.artifact_store == str(PROJECT_ROOT / "var" / "artifacts")
+    assert settings.database_url == str(PROJECT_ROOT / "var" / "skills.sqlite3")
+    assert settings.skill_catalog == PROJECT_ROOT / "models" / "catalog.json"
+    assert settings.model_refresh_seconds == 30.0
+    assert settings.max_request_bytes == 1 << 20
+    assert settings.max_batch_request_bytes == 32 << 20
+    assert settings.max_batch_items == 10_000
+    assert settings.onnx_threads == 1
+    assert settings.batch_threads >= 1
+    assert settings.log_level == "INFO"
+    assert settings.task_queue == "local"
+    assert settings.worker_url == "http://127.0.0.1:8080/tasks/batch-worker"
+    assert settings.batch_chunk_size == 200
+    assert settings.task_max_attempts == 3
+    assert settings.task_min_backoff_seconds == 1.0
+    assert settings.store_contributions is False
+
+
+def test_blank_values_mean_the_default() -> None:
+    assert Settings.from_env({"PORT": "  ", "LOG_LEVEL": ""}) == Settings.from_env({})
+
+
+def test_values_are_parsed_to_their_types() -> None:
+    settings = Settings.from_env(
+        {
+            "HOST": "0.0.0.0",
+            "PORT": " 9090 ",
+            "MODEL_REFRESH_SECONDS": "0.25",
+            "LOG_LEVEL": "debug",
+            "STORE_CONTRIBUTIONS": "Yes",
+            "SKILL_CATALOG": "/tmp/catalog.json",
+        }
+    )
+    assert settings.port == 9090
+    assert settings.model_refresh_seconds == 0.25
+    assert settings.log_level == "DEBUG"
+    assert settings.store_contributions is True
+    assert settings.skill_catalog.as_posix() == "/tmp/catalog.json"
+    # The worker URL follows the host and port unless set.
+    assert settings.worker_url == "http://0.0.0.0:9090/tasks/batch-worker"
+
+
+@pytest.mark.parametrize("raw, expected", [("1", True), ("true", True), ("ON", True), ("0", False), ("no", False), ("off", False)])
+def test_flag_spellings(raw: str, expected: bool) -> None:
+    assert Settings.from_env({"STORE_CONTRIBUTIONS": raw}).store_contributions is expected
+
+
+def test_model_refresh_zero_is_allowed() -> None:
+    assert Settings.from_env({"MODEL_REFRESH_SECONDS": "0"}).model_refresh_seconds == 0.0
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("PORT", "abc"),
+        ("PORT", "0"),
+        ("PORT", "65536"),
+        ("PORT", "80.5"),
+        ("MODEL_REFRESH_SECONDS", "-1"),
+        ("MODEL_REFRESH_SECONDS", "soon"),
+        ("LOG_LEVEL", "LOUD"),
+        ("STORE_CONTRIBUTIONS", "maybe"),
+        ("SERVER_WORKERS", "0"),
+        ("MAX_REQUEST_BYTES", "10"),
+        ("BATCH_CHUNK_SIZE", "10001"),
+    ],
+)
+def test_a_malformed_value_names_its_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({name: value})
+    assert name in str(caught.value)
+    assert value.strip().lower() in str(caught.value).lower()
+
+
+@pytest.mark.parametrize("name", ["MODEL_REFRESH_SECONDS", "TASK_MIN_BACKOFF_SECONDS"])
+def test_nan_is_not_a_number_of_seconds(name: str) -> None:
+    # float("nan") parses, and NaN passes every `value < minimum` check; a refresh interval of NaN
+    # would make every request re-read the registry. It must fail at start like any malformed value.
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env({name: "nan"})
+
+
+def test_settings_are_frozen() -> None:
+    settings = Settings.from_env({})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.port = 1  # type: ignore[misc]
+
+
+def test_replace_changes_named_settings_only() -> None:
+    settings = Settings.from_env({})
+    changed = settings.replace(port=9999, log_level="ERROR")
+    assert (changed.port, changed.log_level) == (9999, "ERROR")
+    assert changed.replace(port=settings.port, log_level=settings.log_level) == settings
+    assert settings.port == 8080
+
+
+def test_replace_rejects_unknown_names() -> None:
+    with pytest.raises(ConfigError, match="prot"):
+        Settings.from_env({}).replace(prot=9090)
