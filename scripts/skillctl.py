@@ -1,4 +1,5 @@
-"""Operator command line for the skill inference service: publish, promote, roll back and list model versions.
+"""Operator command line for the skill inference service: publish, promote, roll back and list model versions,
+and fire a nightly run against a server.
 
 Runs against the stores the environment configures (ARTIFACT_STORE, DATABASE_URL), exactly as the
 functions see them. Every subcommand has --help.
@@ -9,6 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +63,49 @@ def cmd_list(services: Services, args: argparse.Namespace) -> Any:
     return None
 
 
+def cmd_nightly(services: Services, args: argparse.Namespace) -> Any:
+    body: dict[str, Any] = {"full": args.full}
+    if args.run_id:
+        body["run_id"] = args.run_id
+    started = time.monotonic()
+    dispatched = _http_json("POST", f"{args.url.rstrip('/')}/tasks/nightly", body, args.timeout)
+    run_id = dispatched["run_id"]
+    total = dispatched["students"]
+    print(f"run {run_id}: {total} students in {dispatched['tasks']} tasks", file=sys.stderr)
+    deadline = started + args.timeout
+    while True:
+        run = _http_json("GET", f"{args.url.rstrip('/')}/api/v1/batch/runs/{run_id}", None, args.timeout)
+        done = run["students_scored"] + run["students_failed"]
+        _progress(done, total, time.monotonic() - started)
+        if run["status"] != "running":
+            break
+        if time.monotonic() > deadline:
+            print(file=sys.stderr)
+            raise SystemExit(f"nightly: run {run_id} still running after {args.timeout:.0f} s")
+        time.sleep(args.poll)
+    print(file=sys.stderr)
+    return {**run, "seconds": round(time.monotonic() - started, 2)}
+
+
+def _progress(done: int, total: int, seconds: float) -> None:
+    width = 40
+    share = done / total if total else 1.0
+    bar = "#" * int(share * width)
+    print(f"\r[{bar:<{width}}] {done}/{total} students  {seconds:6.1f} s", end="", file=sys.stderr, flush=True)
+
+
+def _http_json(method: str, url: str, body: Any, timeout: float) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        raise SystemExit(f"{method} {url} answered {exc.code}: {exc.read().decode(errors='replace')}") from None
+    except OSError as exc:
+        raise SystemExit(f"{method} {url} failed: {exc}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="skillctl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skill", help="only this skill")
     p.add_argument("--json", action="store_true", help="print the model-listing API's JSON")
     p.set_defaults(run=cmd_list)
+
+    p = sub.add_parser("nightly", help="fire the nightly run on a server and follow it to completion")
+    p.add_argument("--url", default="http://127.0.0.1:8080", help="base URL of the service")
+    p.add_argument("--full", action="store_true", help="score every student, not only those with new data")
+    p.add_argument("--run-id", help="run id (default: the server picks nightly-YYYYMMDD)")
+    p.add_argument("--poll", type=float, default=0.5, help="seconds between progress checks")
+    p.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds")
+    p.set_defaults(run=cmd_nightly)
     return parser
 
 
