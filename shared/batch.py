@@ -146,12 +146,12 @@ def dispatch_nightly(services: Services, full: bool = False, run_id: str | None 
             {"run_id": run_id, "chunk": chunk.chunk, "student_ids": chunk.student_ids},
         )
         enqueued += services.tasks.enqueue(task)
-    run = runs.get(run_id)
+    students_total = sum(len(c.student_ids) for c in chunks)
     log.info(
         "nightly run dispatched",
-        extra={"run_id": run_id, "students": run.students_total if run else 0, "tasks": len(chunks), "enqueued": enqueued},
+        extra={"run_id": run_id, "students": students_total, "tasks": len(chunks), "enqueued": enqueued},
     )
-    return {"run_id": run_id, "students": run.students_total if run else 0, "tasks": len(chunks)}
+    return {"run_id": run_id, "students": students_total, "tasks": len(chunks)}
 
 
 def run_status(services: Services, run_id: str) -> dict[str, Any]:
@@ -253,7 +253,7 @@ def score_chunk(
         scores = model.probabilities_booster(filled[rows])
         confidences = confidence_from_probability(scores)
         contributions = model.contributions(filled[rows]) if keep_contributions else None
-        for k, row in enumerate(rows):
+        for k, row in enumerate(rows.tolist()):
             student = students[row]
             assessments.append(
                 Assessment(

@@ -6,7 +6,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from shared.errors import ConfigError, UnknownSkill
 
@@ -108,7 +108,7 @@ class SkillCatalog:
     def names(self) -> list[str]:
         return list(self._skills)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[SkillSpec]:
         return iter(self._skills.values())
 
     def __len__(self) -> int:

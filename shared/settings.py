@@ -80,7 +80,7 @@ class Settings:
         if unknown:
             raise ConfigError(f"Unknown settings: {sorted(unknown)}")
         values.update(changes)
-        return Settings(**values)  # type: ignore[arg-type]
+        return Settings(**values)
 
 
 class _Reader:

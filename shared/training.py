@@ -148,15 +148,10 @@ def train_skill(spec: SkillSpec, cohort: Cohort, config: TrainingConfig) -> Trai
             f"{spec.skill}: ONNX differs from XGBoost by {parity:.3g} (> {ONNX_PARITY_TOLERANCE}) on the held-out split."
         )
 
-    gain = booster.get_score(importance_type="gain")
+    gain = {key: float(value) for key, value in booster.get_score(importance_type="gain").items()}  # type: ignore[arg-type]
     total_gain = sum(gain.values()) or 1.0
-    importance = sorted(
-        (
-            {"feature": spec.feature_names[int(key[1:])], "importance": round(value / total_gain, 6)}
-            for key, value in gain.items()
-        ),
-        key=lambda item: (-item["importance"], item["feature"]),
-    )
+    ranked = sorted(((value / total_gain, spec.feature_names[int(key[1:])]) for key, value in gain.items()), key=lambda t: (-t[0], t[1]))
+    importance = [{"feature": name, "importance": round(share, 6)} for share, name in ranked]
 
     files: dict[str, bytes] = {
         BOOSTER_FILE: bytes(booster.save_raw("ubj")),
