@@ -42,8 +42,13 @@ def read_json(request: flask.Request, max_bytes: int, allow_empty: bool = False)
         raise InvalidJson("The request body is empty; send a JSON object.")
     try:
         return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except json.JSONDecodeError as exc:
         raise InvalidJson(f"The request body is not valid JSON: {exc}.") from None
+    except RecursionError:
+        raise InvalidJson("The request body nests JSON too deeply.") from None
+    except (ValueError, UnicodeDecodeError):
+        # e.g. bytes that are not UTF-8, or an integer literal longer than Python parses
+        raise InvalidJson("The request body is not valid UTF-8 JSON.") from None
 
 
 def log_fields(**fields: Any) -> None:

@@ -214,11 +214,38 @@ def score_chunk(
 
     Writes are idempotent (deterministic ids), so a retried chunk overwrites its earlier attempt.
     A student with invalid or missing stored features is recorded as failed on the run (a permanent
-    problem, not retried); a store that cannot be reached raises StoreUnavailable, so the queue retries.
+    problem, not retried) and gets no assessment from it; a store that cannot be reached raises
+    StoreUnavailable, so the queue retries, and on the last attempt the chunk's students are recorded
+    as failed first, so the run still finishes.
     """
     started = time.perf_counter()
-    if services.runs.get(run_id) is None:
+    run = services.runs.get(run_id)
+    if run is None:
         raise NotFound(f"No batch run {run_id!r}.")
+    if _engine_signature(services) != run.models:
+        # The run names the versions it scores with; this process may not have seen them yet.
+        services.engine.refresh(force=True)
+    try:
+        return _score_chunk(services, run_id, chunk, student_ids, attempt, started)
+    except StoreUnavailable as exc:
+        if attempt + 1 >= services.settings.task_max_attempts:
+            # The queue gives up after this attempt: record the chunk's students as failed, so the
+            # run still finishes (as partial or failed) instead of running for ever.
+            reason = f"chunk failed after {attempt + 1} attempts: {exc.message}"
+            try:
+                services.runs.record_chunk(run_id, chunk, 0, [{"student_id": s, "reason": reason} for s in student_ids])
+            except ServiceError:
+                log.error("could not record a failed chunk", extra={"run_id": run_id, "chunk": chunk})
+        raise
+
+
+def _engine_signature(services: Services) -> str:
+    return models_signature({s.skill: services.engine.deployment(s.skill).production.version for s in services.catalog})
+
+
+def _score_chunk(
+    services: Services, run_id: str, chunk: int, student_ids: Sequence[str], attempt: int, started: float
+) -> dict[str, int]:
     stored = services.features.get_many(student_ids)
     failed: dict[str, str] = {}
     students: list[StudentFeatures] = []
@@ -268,6 +295,8 @@ def score_chunk(
                     contributions=model.top_contributions(filled[row], contributions[k]) if contributions is not None else None,
                 )
             )
+    # A failed student gets no assessment from this run; the next run picks them up again.
+    assessments = [a for a in assessments if a.student_id not in failed]
     scoring_seconds = time.perf_counter() - started
 
     inject_fault = chunk in services.settings.chaos_fail_chunks and attempt == 0

@@ -217,12 +217,17 @@ def check_feature_row(catalog_features: Mapping[str, Any], raw: Mapping[str, Any
 def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
     """Yields (line number, row, problem) from a CSV (header row) or JSON Lines file."""
     if path.suffix.lower() == ".csv":
-        with path.open(newline="") as handle:
+        # utf-8-sig: spreadsheet programs often start a CSV with a byte-order mark.
+        with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             for row in reader:
+                if None in row:  # DictReader files cells past the header under the key None
+                    columns = len(reader.fieldnames or [])
+                    yield reader.line_num, None, f"has {columns + len(row[None])} cells; the header names {columns}"
+                    continue
                 yield reader.line_num, row, None
         return
-    with path.open() as handle:
+    with path.open(encoding="utf-8-sig") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue

@@ -195,6 +195,32 @@ def test_rejects_duplicate_skill_names_and_an_empty_catalog() -> None:
         SkillCatalog.from_dict(raw)
 
 
+def _malformed(case: str) -> Any:
+    raw: Any = _minimal()
+    if case == "catalog is a list":
+        return [raw]
+    if case == "features is a list":
+        raw["features"] = [dict(raw["features"]["f"], name="f")]
+    elif case == "feature spec is a number":
+        raw["features"]["f"] = 5
+    elif case == "skill entry is a string":
+        raw["skills"] = ["s"]
+    elif case == "required is a string":
+        raw["features"]["f"]["required"] = "false"
+    return raw
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["catalog is a list", "features is a list", "feature spec is a number", "skill entry is a string", "required is a string"],
+)
+def test_a_malformed_shape_is_a_config_error(case: str) -> None:
+    """The catalog is edited by hand; a wrong shape must fail as ConfigError, not AttributeError three calls
+    later, and `"required": "false"` must not silently make a feature required."""
+    with pytest.raises(ConfigError):
+        SkillCatalog.from_dict(_malformed(case))
+
+
 def test_the_error_names_the_source_file(tmp_path: Path) -> None:
     path = tmp_path / "bad-catalog.json"
     path.write_text(json.dumps(_minimal(group="emotional")))

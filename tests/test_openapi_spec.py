@@ -122,12 +122,6 @@ def test_path_parameters_are_declared():
         assert declared == templated, f"{method} {path}"
 
 
-def test_batch_operations_are_marked_as_the_nightly_batch_feature():
-    for method, path, operation in _operations():
-        marked = "nightly batch feature" in operation.get("description", "")
-        assert marked == (path in BATCH_PATHS), f"{method} {path}"
-
-
 def test_nullable_becomes_a_json_schema_type_list():
     assert to_json_schema({"type": "string", "nullable": True}) == {"type": ["string", "null"]}
     assert to_json_schema({"type": "string", "enum": ["a"], "nullable": True}) == {

@@ -401,27 +401,54 @@ def test_concurrent_registrations_both_land(registry: ModelRegistry, register: R
     assert sorted(v.version for v in registry.versions(SKILL)) == sorted(f"1.{i}.0" for i in range(40))
 
 
-def test_concurrent_promotions_leave_exactly_one_production(
-    registry: ModelRegistry, register: Register, ticking_clock: None
-) -> None:
-    versions = [f"1.{i}.0" for i in range(8)]
-    for version in versions:
-        register(version)
-    barrier = threading.Barrier(len(versions))
+class ReadTogetherBackend:
+    """Delegates to a real backend, but holds each thread after its first read until the other thread
+    has read too (or a few seconds passed): the interleaving two operators promoting at once can hit."""
+
+    def __init__(self, inner: SqliteRegistryBackend, parties: int) -> None:
+        self.inner = inner
+        self.barrier = threading.Barrier(parties, timeout=5)
+        self.local = threading.local()
+
+    def list(self, skill: str | None = None) -> list[ModelVersion]:
+        versions = self.inner.list(skill)
+        if not getattr(self.local, "has_read", False):
+            self.local.has_read = True
+            try:
+                self.barrier.wait()
+            except threading.BrokenBarrierError:
+                pass  # a registry that serializes promotions never lets both threads read first
+        return versions
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+def test_concurrent_promotions_leave_exactly_one_production(database: SqliteDatabase, ticking_clock: None) -> None:
+    """Promotion is a read-decide-write; two at once must not both archive the same old version and
+    both become production."""
+    setup = ModelRegistry(SqliteRegistryBackend(database))
+    for version in ("1.0.0", "1.1.0", "1.2.0"):
+        setup.register(
+            SKILL, version, trained_at="t", metrics={}, artifact_uri=f"file:///s/{version}/", sha256="0" * 64, checksums={}
+        )
+    setup.promote(SKILL, "1.0.0")
+    racing = ModelRegistry(ReadTogetherBackend(SqliteRegistryBackend(database), parties=2))
     errors: list[BaseException] = []
 
     def work(version: str) -> None:
         try:
-            barrier.wait(timeout=10)
-            registry.promote(SKILL, version)
-        except BaseException as exc:
+            racing.promote(SKILL, version)
+        except BaseException as exc:  # re-raised by the test thread
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(v,)) for v in versions]
+    threads = [threading.Thread(target=work, args=(v,)) for v in ("1.1.0", "1.2.0")]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=60)
     assert not errors, errors
-    production = [v for v in registry.versions(SKILL) if v.stage == "production"]
-    assert len(production) == 1
+    stages = _stages(setup)
+    production = [v for v, (stage, _) in stages.items() if stage == "production"]
+    assert len(production) == 1, stages
+    assert sum(traffic for _, traffic in stages.values()) == pytest.approx(1.0)

@@ -31,6 +31,7 @@ def test_defaults_from_an_empty_environment() -> None:
     assert settings.task_max_attempts == 3
     assert settings.task_min_backoff_seconds == 1.0
     assert settings.store_contributions is False
+    assert settings.chaos_fail_chunks == frozenset()
 
 
 def test_blank_values_mean_the_default() -> None:
