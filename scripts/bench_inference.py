@@ -10,7 +10,7 @@ absent, then published there), and measures, in one run:
 2. HTTP, sequential: POST /api/v1/skills/infer next to the constant-JSON floor GET /_bench/constant,
    one fresh connection per request for both (gunicorn's sync workers close every connection);
 3. HTTP throughput at concurrency 16 for both endpoints, from a separate load-generator process
-   (asyncio over raw sockets), with the CPU the generator and the server each used;
+   (a readiness loop over raw sockets), with the CPU the generator, the server and other processes used;
 4. cold start of a one-worker server to its first answered infer, the import time of the serving
    modules, and whether a serving process has imported xgboost or sklearn;
 5. resident memory of a serving worker with all seven models loaded, and of the gunicorn master.
@@ -93,7 +93,7 @@ class Target:
         return value <= self.limit if self.at_most else value >= self.limit
 
     def describe(self, unit: str) -> str:
-        return f"{'<' if self.at_most else '>='} {self.limit:g}{unit}"
+        return f"{'<=' if self.at_most else '>='} {self.limit:g}{unit}"
 
 
 TARGETS: dict[str, Target] = {
@@ -138,11 +138,12 @@ def print_table(sections: list[tuple[str, list[Row]]], figures: dict[str, float]
 
 
 def stack_env(folder: Path) -> dict[str, str]:
-    """The environment of an embedded stack in folder; the log level stays the service default (INFO)."""
+    """The environment of an embedded stack in folder, at the service's default log level: one JSON line per request."""
     return {
         "ARTIFACT_STORE": str(folder / "artifacts"),
         "DATABASE_URL": str(folder / "skills.sqlite3"),
         "MODEL_REFRESH_SECONDS": "30",
+        "LOG_LEVEL": "INFO",
     }
 
 
@@ -278,7 +279,8 @@ def bench_http_sequential(port: int, infer: list[bytes], floor: bytes, count: in
 def machine_busy_seconds() -> float:
     """CPU time every process of the machine has used so far (all cores, idle and I/O wait excluded)."""
     times = psutil.cpu_times()
-    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+    # guest time is already counted in user time, and steal is the hypervisor's, not this machine's processes'.
+    return sum(getattr(times, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq"))
 
 
 def server_cpu_seconds(master: psutil.Process) -> float:
@@ -615,11 +617,11 @@ SECTIONS: list[tuple[str, list[Row]]] = [
     ("1. in process: one student, all 7 skills", [
         Row("engine.infer x7 (ONNX) p50", "inproc_onnx_all7_p50_ms", " ms"),
         Row("engine.infer x7 (ONNX) p99", "inproc_onnx_all7_p99_ms", " ms"),
-        Row("model call x7, ONNX Runtime p50", "inproc_onnx_model_all7_p50_ms", " ms"),
-        Row("model call x7, ONNX Runtime p99", "inproc_onnx_model_all7_p99_ms", " ms"),
-        Row("model call x7, XGBoost inplace_predict p50", "inproc_xgb_model_all7_p50_ms", " ms"),
-        Row("model call x7, XGBoost inplace_predict p99", "inproc_xgb_model_all7_p99_ms", " ms"),
-        Row("XGBoost / ONNX (model call p50)", "inproc_xgb_over_onnx_p50", "x", 2),
+        Row("probabilities x7 (ONNX Runtime) p50", "inproc_onnx_model_all7_p50_ms", " ms"),
+        Row("probabilities x7 (ONNX Runtime) p99", "inproc_onnx_model_all7_p99_ms", " ms"),
+        Row("probabilities_booster x7 (XGBoost) p50", "inproc_xgb_model_all7_p50_ms", " ms"),
+        Row("probabilities_booster x7 (XGBoost) p99", "inproc_xgb_model_all7_p99_ms", " ms"),
+        Row("XGBoost / ONNX Runtime (p50)", "inproc_xgb_over_onnx_p50", "x", 2),
     ]),
     ("2. HTTP sequential, one connection per request", [
         Row("POST infer p50", "http_infer_p50_ms", " ms"),

@@ -299,11 +299,11 @@ def _score_chunk(
     assessments = [a for a in assessments if a.student_id not in failed]
     scoring_seconds = time.perf_counter() - started
 
-    inject_fault = chunk in services.settings.chaos_fail_chunks and attempt == 0
+    if chunk in services.settings.chaos_fail_chunks and attempt == 0:
+        # Fault drill (CHAOS_FAIL_CHUNKS): the first attempt dies after writing half of its chunk.
+        services.assessments.write(assessments[: len(assessments) // 2])
+        raise StoreUnavailable(f"Injected fault in chunk {chunk} of run {run_id} (CHAOS_FAIL_CHUNKS).")
     for start in range(0, len(assessments), WRITE_BATCH):
-        if inject_fault and start >= len(assessments) // 2:
-            # Fault drill (CHAOS_FAIL_CHUNKS): the first attempt dies after writing part of its chunk.
-            raise StoreUnavailable(f"Injected fault in chunk {chunk} of run {run_id} (CHAOS_FAIL_CHUNKS).")
         services.assessments.write(assessments[start : start + WRITE_BATCH])
     signature = models_signature(versions)
     services.features.mark_scored(

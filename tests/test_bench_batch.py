@@ -46,7 +46,7 @@ NIGHTLY_FIGURES = [
         "chunk_writes_ms",
         "worker_busy_share",
     )
-] + ["nightly_xgboost_import_s"]
+] + ["nightly_xgboost_import_s", "nightly_xgboost_import_bundle_s"]
 TARGETED = [f"batch_{size}_t{threads}_engine_over_raw" for size in ("small", "large") for threads in (1, 2)] + [
     "nightly_small_cold_wall_s"
 ]
