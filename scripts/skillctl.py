@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from shared.errors import ServiceError
+from shared.errors import ConfigError, ServiceError
 from shared.publishing import publish_version
 from shared.registry import STAGES, listing
 from shared.services import Services
@@ -147,9 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    services = Services(Settings.from_env())
     try:
+        services = Services(Settings.from_env())
         result = args.run(services, args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except ServiceError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         if exc.details:

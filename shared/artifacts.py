@@ -57,7 +57,9 @@ class LocalArtifactStore:
         return (self.root / key).as_uri() + ("/" if key.endswith("/") else "")
 
     def put(self, key: str, data: bytes) -> str:
-        path = self.root / key
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root):
+            raise ArtifactIntegrityError(f"The key {key!r} lies outside the artifact store {self.root}.")
         path.parent.mkdir(parents=True, exist_ok=True)
         # Write then rename, so a reader never sees half a file.
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -12,6 +13,7 @@ from shared.errors import ConfigError, UnknownSkill
 
 CATALOG_SCHEMA_VERSION = 1
 FEATURE_GROUPS = ("linguistic", "behavioral")
+NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -76,20 +78,32 @@ class SkillCatalog:
         return cls.from_dict(raw, source=str(path))
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "catalog") -> SkillCatalog:
+    def from_dict(cls, raw: Any, source: str = "catalog") -> SkillCatalog:
+        """Builds a catalog from its JSON form; raises ConfigError naming what is wrong."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: the catalog must be a JSON object.")
         if raw.get("schema_version") != CATALOG_SCHEMA_VERSION:
             raise ConfigError(
                 f"{source}: schema_version must be {CATALOG_SCHEMA_VERSION}, got {raw.get('schema_version')!r}."
             )
+        raw_features = raw.get("features", {})
+        raw_skills = raw.get("skills", [])
+        if not isinstance(raw_features, dict) or not isinstance(raw_skills, list):
+            raise ConfigError(f"{source}: features must be an object and skills an array.")
         features: dict[str, FeatureSpec] = {}
-        for name, spec in raw.get("features", {}).items():
+        for name, spec in raw_features.items():
             features[name] = _feature(name, spec, source)
         skills: list[SkillSpec] = []
-        for entry in raw.get("skills", []):
+        for entry in raw_skills:
+            if not isinstance(entry, dict):
+                raise ConfigError(f"{source}: every skill must be an object.")
             name = entry.get("skill")
-            if not isinstance(name, str) or not name:
-                raise ConfigError(f"{source}: every skill needs a name.")
+            # Skill names become URL parts and artifact folder names.
+            if not isinstance(name, str) or not NAME.match(name):
+                raise ConfigError(f"{source}: skill name {name!r} must be snake_case (a-z, 0-9, _).")
             listed = entry.get("features", [])
+            if not isinstance(listed, list) or not all(isinstance(f, str) for f in listed):
+                raise ConfigError(f"{source}: skill {name!r} must list its features as an array of names.")
             missing = [f for f in listed if f not in features]
             if missing:
                 raise ConfigError(f"{source}: skill {name!r} lists undefined features {missing}.")
@@ -128,8 +142,14 @@ class SkillCatalog:
         return {"skills": [s.to_dict() for s in self._skills.values()]}
 
 
-def _feature(name: str, spec: dict[str, Any], source: str) -> FeatureSpec:
+def _feature(name: str, spec: Any, source: str) -> FeatureSpec:
     where = f"{source}: feature {name!r}"
+    if not NAME.match(name):
+        raise ConfigError(f"{where}: the name must be snake_case (a-z, 0-9, _).")
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: must be an object.")
+    if not isinstance(spec.get("required", False), bool):
+        raise ConfigError(f"{where}: required must be true or false.")
     if spec.get("group") not in FEATURE_GROUPS:
         raise ConfigError(f"{where}: group must be one of {FEATURE_GROUPS}.")
     try:
@@ -142,7 +162,7 @@ def _feature(name: str, spec: dict[str, Any], source: str) -> FeatureSpec:
         name=name,
         group=spec["group"],
         description=str(spec.get("description", "")),
-        required=bool(spec.get("required", False)),
+        required=spec.get("required", False),
         default=default,
         min=low,
         max=high,

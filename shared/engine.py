@@ -137,6 +137,11 @@ class InferenceEngine:
             serving = self.registry.serving()
         except StoreUnavailable as exc:
             log.warning("registry unavailable; serving the loaded models", extra={"reason": str(exc)})
+            self._load_errors = {
+                skill: f"the registry is unavailable: {exc}"
+                for skill in self.catalog.names
+                if skill not in self._deployments
+            }
             return
         loaded = {_key(m.record): m for d in self._deployments.values() for m in d.models()}
         self._failed = {}  # a version that failed to load is retried at the next check

@@ -14,7 +14,7 @@ from shared.artifacts import (
     publish_files,
     sha256_hex,
 )
-from shared.errors import ArtifactIntegrityError, NotFound
+from shared.errors import ArtifactIntegrityError, Conflict, NotFound
 from shared.registry import ModelRegistry, ModelVersion
 
 
@@ -50,6 +50,9 @@ def publish_version(
     metadata = json.loads(files[METADATA_FILE])
     skill = metadata["skill"]
     version = version or registry.next_version(skill, bump)
+    if any(v.version == version for v in registry.versions(skill)):
+        # Checked before writing: uploading first would overwrite the registered version's files.
+        raise Conflict(f"Skill {skill!r} already has version {version!r}.")
     metadata["version"] = version
     files[METADATA_FILE] = json.dumps(metadata, indent=1).encode()
     uri, checksums = publish_files(store, skill, version, files)

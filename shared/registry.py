@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 from shared.clock import now_iso
 from shared.errors import Conflict, NotFound, ValidationError
@@ -29,7 +29,8 @@ class ModelVersion:
     artifact_uri: str
     sha256: str  # digest of the whole version folder (artifacts.manifest_digest)
     checksums: dict[str, str] = field(default_factory=dict)  # sha256 of each artifact file
-    promoted_at: str | None = None  # when it last became production; rollback goes back along this
+    promoted_at: str | None = None  # when it last became production
+    promotion_seq: int = 0  # order of promotions within the skill; 0 once rolled back from (rollback skips it)
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the version as the model-listing API shows it."""
@@ -50,6 +51,15 @@ class StageChange:
     stage: str
     traffic: float
     promoted_at: str | None
+    promotion_seq: int
+
+
+# Given a skill's versions as stored, returns the stage changes to apply (or raises to change nothing).
+Decide = Callable[[list[ModelVersion]], Mapping[str, StageChange]]
+
+
+def _keep(version: ModelVersion, stage: str, traffic: float) -> StageChange:
+    return StageChange(stage, traffic, version.promoted_at, version.promotion_seq)
 
 
 class RegistryBackend(Protocol):
@@ -63,8 +73,9 @@ class RegistryBackend(Protocol):
         """Returns the versions of one skill, or of all skills, oldest first."""
         ...
 
-    def apply(self, skill: str, changes: Mapping[str, StageChange]) -> None:
-        """Sets stage, traffic and promoted_at of several versions of one skill in one atomic write."""
+    def update(self, skill: str, decide: Decide) -> None:
+        """Reads the skill's versions and applies the changes `decide` returns, in one transaction, so
+        two operators promoting at once cannot both win; if decide raises, nothing changes."""
         ...
 
 
@@ -136,62 +147,77 @@ class ModelRegistry:
         To production: the previous production version is archived and the new one takes all
         traffic not held by a canary. To canary: it takes `traffic` (0 < traffic < 1) from production,
         replacing any earlier canary. To staging or archived: it serves nothing.
+        Raises NotFound, ValidationError, or Conflict when the move would leave no production version.
         """
         if stage not in STAGES:
             raise ValidationError([{"field": "stage", "problem": f"must be one of {', '.join(STAGES)}"}])
-        versions = {v.version: v for v in self.backend.list(skill)}
-        if version not in versions:
-            raise NotFound(f"Skill {skill!r} has no version {version!r}.")
-        target = versions[version]
-        changes: dict[str, StageChange] = {}
-        production = next((v for v in versions.values() if v.stage == "production"), None)
-        canary = next((v for v in versions.values() if v.stage == "canary"), None)
-        if stage == "production":
-            if production and production.version != version:
-                changes[production.version] = StageChange("archived", 0.0, production.promoted_at)
-            canary_traffic = canary.traffic if canary and canary.version != version else 0.0
-            changes[version] = StageChange("production", round(1.0 - canary_traffic, 6), now_iso())
-        elif stage == "canary":
-            if production is None or production.version == version:
-                raise Conflict(f"Skill {skill!r} needs another version in production before a canary.")
-            if traffic is None or not 0.0 < traffic < 1.0:
-                raise ValidationError([{"field": "traffic", "problem": "a canary needs traffic between 0 and 1"}])
-            if canary and canary.version != version:
-                changes[canary.version] = StageChange("archived", 0.0, canary.promoted_at)
-            changes[version] = StageChange("canary", traffic, target.promoted_at)
-            changes[production.version] = StageChange("production", round(1.0 - traffic, 6), production.promoted_at)
-        else:
-            if target.stage == "production":
-                raise Conflict(f"{skill} {version} is in production; promote or roll back another version instead.")
-            changes[version] = StageChange(stage, 0.0, target.promoted_at)
-            if target.stage == "canary" and production:
-                changes[production.version] = StageChange("production", 1.0, production.promoted_at)
-        self.backend.apply(skill, changes)
+        if stage == "canary" and (traffic is None or not 0.0 < traffic < 1.0):
+            raise ValidationError([{"field": "traffic", "problem": "a canary needs traffic between 0 and 1"}])
+        share = traffic or 0.0
+
+        def decide(stored: list[ModelVersion]) -> dict[str, StageChange]:
+            versions = {v.version: v for v in stored}
+            if version not in versions:
+                raise NotFound(f"Skill {skill!r} has no version {version!r}.")
+            target = versions[version]
+            production = next((v for v in stored if v.stage == "production"), None)
+            canary = next((v for v in stored if v.stage == "canary"), None)
+            changes: dict[str, StageChange] = {}
+            if stage == "production":
+                if production and production.version != version:
+                    changes[production.version] = _keep(production, "archived", 0.0)
+                canary_traffic = canary.traffic if canary and canary.version != version else 0.0
+                next_seq = max(v.promotion_seq for v in stored) + 1
+                changes[version] = StageChange("production", round(1.0 - canary_traffic, 6), now_iso(), next_seq)
+            elif stage == "canary":
+                if production is None or production.version == version:
+                    raise Conflict(f"Skill {skill!r} needs another version in production before a canary.")
+                if canary and canary.version != version:
+                    changes[canary.version] = _keep(canary, "archived", 0.0)
+                changes[version] = _keep(target, "canary", share)
+                changes[production.version] = _keep(production, "production", round(1.0 - share, 6))
+            else:
+                if target.stage == "production":
+                    raise Conflict(f"{skill} {version} is in production; promote or roll back another version instead.")
+                changes[version] = _keep(target, stage, 0.0)
+                if target.stage == "canary" and production:
+                    changes[production.version] = _keep(production, "production", 1.0)
+            return changes
+
+        self.backend.update(skill, decide)
         return self.get(skill, version)
 
     def rollback(self, skill: str) -> ModelVersion:
-        """Archives the production version and restores the one that was in production before it."""
-        versions = self.backend.list(skill)
-        production = next((v for v in versions if v.stage == "production"), None)
-        if production is None:
-            raise Conflict(f"Skill {skill!r} has no version in production to roll back.")
-        earlier = [
-            v for v in versions
-            if v.version != production.version and v.promoted_at and v.stage in ("archived", "staging")
-        ]
-        if not earlier:
-            raise Conflict(f"Skill {skill!r} has no earlier production version to roll back to.")
-        previous = max(earlier, key=lambda v: v.promoted_at or "")
-        canary = next((v for v in versions if v.stage == "canary"), None)
-        canary_traffic = canary.traffic if canary else 0.0
-        self.backend.apply(
-            skill,
-            {
-                production.version: StageChange("archived", 0.0, production.promoted_at),
-                previous.version: StageChange("production", round(1.0 - canary_traffic, 6), now_iso()),
-            },
-        )
-        return self.get(skill, previous.version)
+        """Archives the production version and restores the one promoted before it; returns that one.
+
+        The version rolled back from is never a rollback target again, so rolling back twice walks
+        further back. Raises Conflict if there is no production version or none earlier.
+        """
+        restored: list[str] = []
+
+        def decide(stored: list[ModelVersion]) -> dict[str, StageChange]:
+            production = next((v for v in stored if v.stage == "production"), None)
+            if production is None:
+                raise Conflict(f"Skill {skill!r} has no version in production to roll back.")
+            earlier = [
+                v for v in stored
+                if v.version != production.version and v.promotion_seq > 0 and v.stage in ("archived", "staging")
+            ]
+            if not earlier:
+                raise Conflict(f"Skill {skill!r} has no earlier production version to roll back to.")
+            previous = max(earlier, key=lambda v: v.promotion_seq)
+            canary = next((v for v in stored if v.stage == "canary"), None)
+            canary_traffic = canary.traffic if canary else 0.0
+            restored.append(previous.version)
+            return {
+                production.version: StageChange("archived", 0.0, production.promoted_at, 0),
+                previous.version: StageChange(
+                    "production", round(1.0 - canary_traffic, 6), now_iso(), max(v.promotion_seq for v in stored) + 1
+                ),
+            }
+
+        self.backend.update(skill, decide)
+        return self.get(skill, restored[0])
 
     def serving(self) -> dict[str, list[ModelVersion]]:
         """Returns, per skill with any, the versions that serve traffic: production first, then a canary."""
@@ -217,6 +243,7 @@ CREATE TABLE IF NOT EXISTS model_versions (
     sha256 TEXT NOT NULL,
     checksums TEXT NOT NULL,
     promoted_at TEXT,
+    promotion_seq INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (skill, version)
 )
 """
@@ -251,12 +278,17 @@ class SqliteRegistryBackend:
             rows = self.db.query("SELECT * FROM model_versions WHERE skill = ? ORDER BY created_at, rowid", (skill,))
         return [_version_from_row(dict(r)) for r in rows]
 
-    def apply(self, skill: str, changes: Mapping[str, StageChange]) -> None:
+    def update(self, skill: str, decide: Decide) -> None:
         with self.db.transaction() as conn:
+            rows = conn.execute(
+                "SELECT * FROM model_versions WHERE skill = ? ORDER BY created_at, rowid", (skill,)
+            ).fetchall()
+            changes = decide([_version_from_row(dict(r)) for r in rows])
             for version, change in changes.items():
                 conn.execute(
-                    "UPDATE model_versions SET stage = ?, traffic = ?, promoted_at = ? WHERE skill = ? AND version = ?",
-                    (change.stage, change.traffic, change.promoted_at, skill, version),
+                    "UPDATE model_versions SET stage = ?, traffic = ?, promoted_at = ?, promotion_seq = ? "
+                    "WHERE skill = ? AND version = ?",
+                    (change.stage, change.traffic, change.promoted_at, change.promotion_seq, skill, version),
                 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -129,6 +130,8 @@ class _Reader:
             value = kind(raw)
         except ValueError:
             raise ConfigError(f"Config {name!r} must be a {kind.__name__}; got {raw!r}.") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"Config {name!r} must be a finite number; got {raw!r}.")
         if minimum is not None and value < minimum:  # type: ignore[operator]
             raise ConfigError(f"Config {name!r} must be at least {minimum}; got {raw!r}.")
         if maximum is not None and value > maximum:  # type: ignore[operator]

@@ -138,7 +138,10 @@ def train_skill(spec: SkillSpec, cohort: Cohort, config: TrainingConfig) -> Trai
     baseline = LogisticRegression(max_iter=2000).fit(scaler.transform(X_train), y_train)
     baseline_proba = baseline.predict_proba(scaler.transform(X_test))[:, 1]
 
-    onnx_model = convert_xgboost(booster, initial_types=[(ONNX_INPUT, FloatTensorType([None, X.shape[1]]))])
+    # A fixed graph name: the converter's default is a random uuid, which would make exports differ byte for byte.
+    onnx_model = convert_xgboost(
+        booster, name=spec.skill, initial_types=[(ONNX_INPUT, FloatTensorType([None, X.shape[1]]))]
+    )
     onnx_bytes = onnx_model.SerializeToString()
     session = onnxruntime.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     onnx_proba = session.run(["probabilities"], {ONNX_INPUT: test32})[0][:, 1]

@@ -288,9 +288,9 @@ class SwitchableBackend:
         self._check()
         return self.inner.list(skill)
 
-    def apply(self, skill: str, changes: Any) -> None:
+    def update(self, skill: str, decide: Any) -> None:
         self._check()
-        self.inner.apply(skill, changes)
+        self.inner.update(skill, decide)
 
 
 def test_a_registry_outage_after_loading_keeps_the_loaded_models(services: Services, catalog: SkillCatalog) -> None:
