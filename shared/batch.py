@@ -123,7 +123,7 @@ def dispatch_nightly(services: Services, full: bool = False, run_id: str | None 
     if runs.get(run_id) is None:
         versions = production_versions(services)
         signature = models_signature(versions)
-        students = [s.student_id for s in services.features.scan() if full or s.needs_scoring(signature)]
+        students = [s.student_id for s in services.features.scoring_states() if full or s.needs_scoring(signature)]
         size = services.settings.batch_chunk_size
         chunks = [Chunk(run_id, i, students[start : start + size]) for i, start in enumerate(range(0, len(students), size))]
         started = now_iso()
@@ -277,9 +277,10 @@ def _score_chunk(
         rows = np.flatnonzero(valid)
         if rows.size == 0:
             continue
-        scores = model.probabilities_booster(filled[rows])
+        scoring = filled if rows.size == len(filled) else filled[rows]
+        scores = model.probabilities_booster(scoring)
         confidences = confidence_from_probability(scores)
-        contributions = model.contributions(filled[rows]) if keep_contributions else None
+        contributions = model.contributions(scoring) if keep_contributions else None
         for k, row in enumerate(rows.tolist()):
             student = students[row]
             assessments.append(
