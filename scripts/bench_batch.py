@@ -553,8 +553,11 @@ def run(plan: Plan, quick: bool) -> int:
     )
     print(
         f"nightly: BATCH_CHUNK_SIZE={Settings.from_env({}).batch_chunk_size}, gunicorn {SERVER_WORKERS} sync workers, "
-        f"local task queue with {SERVER_WORKERS} delivery threads; cold = first run on a fresh server, "
-        "first chunk per worker = the cold run's slowest chunks"
+        f"local task queue with {SERVER_WORKERS} delivery threads. cold = first run on a fresh server (median of "
+        + " / ".join(str(n) for n in plan.nightly_servers)
+        + " servers), warm = later full runs on it (median of "
+        + " / ".join(str(n * w) for n, w in zip(plan.nightly_servers, plan.nightly_warm_runs))
+        + " runs); first chunk per worker = the cold run's slowest chunks; steady chunk = the warm runs' chunks"
     )
     verdicts = {key: target.met(figures[key]) for key, target in TARGETS.items()}
     print(json.dumps({
