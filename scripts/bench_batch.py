@@ -386,8 +386,7 @@ def bench_nightly_size(folder: Path, size: str, students: int, servers: int, war
                 runs.append(run_nightly(server.url, f"bench-{size}-s{s}-warm{w}", full=True, timeout=run_timeout(students)))
             entries = settled_log(server, runs)
         finally:
-            server.stop()
-            Path(server.log_file.name).unlink(missing_ok=True)
+            server.stop()  # also removes its log file
         for i, run in enumerate(runs):
             chunks = chunk_logs(entries, run.run_id)
             busy_share.append(worker_busy_ms(entries, run.run_id) / 1000 / (SERVER_WORKERS * (run.wall_s - run.dispatch_s)))

@@ -506,8 +506,7 @@ def bench_http(
         figures["loaded_worker_rss_max_mb"] = max(w.memory_info().rss for w in master.children()) / 2**20
         return figures, background
     finally:
-        server.stop()
-        Path(server.log_file.name).unlink(missing_ok=True)
+        server.stop()  # also removes its log file
 
 
 # -- 4. and 5. cold start, imports, memory ----------------------------------------------------------

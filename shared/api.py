@@ -33,7 +33,10 @@ def read_json(request: flask.Request, max_bytes: int, allow_empty: bool = False)
         raise PayloadTooLarge(
             f"The request body has {request.content_length} bytes; the limit is {max_bytes}.", {"limit_bytes": max_bytes}
         )
-    data = request.stream.read(max_bytes + 1)
+    # Read what was announced (plus one byte to notice a body longer than announced), not the limit:
+    # the server allocates a buffer of the size asked for.
+    announced = request.content_length
+    data = request.stream.read((announced if announced is not None else max_bytes) + 1)
     if len(data) > max_bytes:
         raise PayloadTooLarge(f"The request body exceeds the limit of {max_bytes} bytes.", {"limit_bytes": max_bytes})
     if not data.strip():
@@ -84,22 +87,21 @@ def endpoint(*methods: str) -> Callable[[Handler], Callable[[flask.Request], fla
                     500,
                 )
             latency = time.perf_counter() - started
-            fields = flask.g.get("log_fields", {})
-            log.info(
-                f"{request.method} {request.path} {response.status_code}",
-                extra={
+            if log.isEnabledFor(logging.INFO):
+                status = response.status_code
+                fields = {
                     "httpRequest": {
                         "requestMethod": request.method,
                         "requestUrl": request.path,
-                        "status": response.status_code,
+                        "status": status,
                         "latency": f"{latency:.6f}s",
                     },
                     "function": handler.__name__,
-                    "status": response.status_code,
+                    "status": status,
                     "latency_ms": round(latency * 1000, 3),
-                    **fields,
-                },
-            )
+                    **flask.g.get("log_fields", {}),
+                }
+                log.info(f"{request.method} {request.path} {status}", extra={"fields": fields})
             return response
 
         return target

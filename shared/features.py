@@ -35,6 +35,8 @@ class FeatureSchema:
         self.minimums = np.array([f.min for f in spec.features], dtype=np.float64)
         self.maximums = np.array([f.max for f in spec.features], dtype=np.float64)
         self.required = np.array([f.required for f in spec.features], dtype=bool)
+        self._minimums = [f.min for f in spec.features]
+        self._maximums = [f.max for f in spec.features]
 
     def prepare(self, features: Mapping[str, Any], field: str = "features") -> PreparedFeatures:
         """Returns the row in model order.
@@ -45,6 +47,17 @@ class FeatureSchema:
         """
         if not isinstance(features, Mapping):
             raise ValidationError([{"field": field, "problem": "must be an object of feature name to number"}])
+        # Fast path for the common request (every feature present, every value a plain in-range number);
+        # anything else takes the full pass below, which names each problem.
+        values: list[Any] = [features.get(name) for name in self.names]
+        if all(type(v) is float or type(v) is int for v in values) and all(
+            low <= v <= high for v, low, high in zip(values, self._minimums, self._maximums)
+        ):
+            ignored = [name for name in features if name not in self._index] if len(features) != len(values) else []
+            return PreparedFeatures(values, [], ignored)
+        return self._prepare_each(features, field)
+
+    def _prepare_each(self, features: Mapping[str, Any], field: str) -> PreparedFeatures:
         values: list[float] = []
         imputed: list[str] = []
         problems: list[dict[str, str]] = []

@@ -12,6 +12,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from shared.artifacts import ARTIFACT_FILES
 from shared.publishing import publish_version
@@ -72,6 +73,8 @@ class LocalServer:
         self.timeout = timeout
         self.url = f"http://127.0.0.1:{port}"
         self.process: subprocess.Popen[bytes] | None = None
+        self.log_file: Any = None
+        self._final_log = ""
         self.started_at = 0.0
 
     def start(self) -> LocalServer:
@@ -104,6 +107,9 @@ class LocalServer:
         raise RuntimeError(f"server did not start within {self.timeout}s:\n{self.log()}")
 
     def log(self) -> str:
+        """Returns what the server printed (kept after it stops)."""
+        if self.log_file is None:
+            return self._final_log
         return Path(self.log_file.name).read_text(errors="replace")
 
     def stop(self) -> None:
@@ -115,6 +121,11 @@ class LocalServer:
                 self.process.kill()
                 self.process.wait()
         self.process = None
+        if self.log_file is not None:
+            self._final_log = self.log()
+            self.log_file.close()
+            Path(self.log_file.name).unlink(missing_ok=True)
+            self.log_file = None
 
     def __enter__(self) -> LocalServer:
         return self.start()

@@ -12,7 +12,8 @@ _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"mess
 
 
 class JsonFormatter(logging.Formatter):
-    """Formats a record as one JSON line; extra fields given with `extra=` are kept as top-level keys."""
+    """Formats a record as one JSON line; extra fields given with `extra=` (or as one dict in
+    `extra={"fields": {...}}`) are kept as top-level keys."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -22,9 +23,14 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "logger": record.name,
         }
-        for key, value in record.__dict__.items():
-            if key not in _RESERVED and not key.startswith("_"):
-                entry[key] = value
+        fields = record.__dict__.get("fields")
+        if isinstance(fields, dict):
+            # The request log passes its fields as one dict: cheaper than scanning the record.
+            entry.update(fields)
+        else:
+            for key, value in record.__dict__.items():
+                if key not in _RESERVED and not key.startswith("_"):
+                    entry[key] = value
         if record.exc_info:
             entry["stack_trace"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)

@@ -114,7 +114,13 @@ class SkillModel:
     def probabilities(self, X: np.ndarray) -> np.ndarray:
         """Scores raw feature rows through ONNX Runtime; returns P(high skill) per row, in [0, 1]."""
         out = self._session.run([ONNX_PROBABILITIES], {ONNX_INPUT: self.scale(X)})[0]
-        return np.clip(out[:, 1].astype(np.float64), 0.0, 1.0)
+        return np.minimum(np.maximum(out[:, 1].astype(np.float64), 0.0), 1.0)
+
+    def probability(self, values: list[float]) -> float:
+        """Scores one raw row through ONNX Runtime; returns P(high skill) in [0, 1]."""
+        X = np.array([values], dtype=np.float64)
+        p = float(self._session.run([ONNX_PROBABILITIES], {ONNX_INPUT: self.scale(X)})[0][0, 1])
+        return min(1.0, max(0.0, p))
 
     def booster(self) -> xgboost.Booster:
         """Returns the native XGBoost model, loading XGBoost on first use (it costs ~1.6 s of import)."""
