@@ -25,6 +25,7 @@ test: install
 
 bench: install
 	$(PY) scripts/bench_inference.py
+	$(PY) scripts/bench_batch.py
 
 clean:
 	rm -rf $(VENV) var models/artifacts .pytest_cache

@@ -39,6 +39,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from scripts.bench_targets import Target
 from shared.catalog import SkillCatalog
 from shared.local_stack import LocalServer, ensure_demo_models, ensure_demo_students, free_port
 from shared.services import Services
@@ -77,20 +78,6 @@ class Plan:
 
 
 # -- figures, targets and the report ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Target:
-    """A figure's goal: at most (or at least) a value."""
-
-    limit: float
-    at_most: bool = True
-
-    def met(self, value: float) -> bool:
-        return value <= self.limit if self.at_most else value >= self.limit
-
-    def describe(self, unit: str) -> str:
-        return f"{'<' if self.at_most else '>='} {self.limit:g}{unit}"
 
 
 TARGETS: dict[str, Target] = {

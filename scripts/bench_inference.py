@@ -45,6 +45,7 @@ from typing import Any, Callable, Sequence
 import psutil
 
 from functions.local_server import FLOOR_PATH
+from scripts.bench_targets import Target
 from shared.catalog import SkillCatalog
 from shared.engine import InferenceRequest
 from shared.local_stack import LocalServer, ensure_demo_models, free_port, gunicorn_args
@@ -80,20 +81,6 @@ class Plan:
 
 
 # -- figures, targets and the report ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Target:
-    """A figure's goal: at most (or at least) a value."""
-
-    limit: float
-    at_most: bool = True
-
-    def met(self, value: float) -> bool:
-        return value <= self.limit if self.at_most else value >= self.limit
-
-    def describe(self, unit: str) -> str:
-        return f"{'<=' if self.at_most else '>='} {self.limit:g}{unit}"
 
 
 TARGETS: dict[str, Target] = {

@@ -18,6 +18,9 @@ SCALER_FILE = "scaler.json"  # {"feature_names", "mean", "scale"}
 METADATA_FILE = "metadata.json"  # version, metrics, checksums, reference distributions
 ARTIFACT_FILES = (BOOSTER_FILE, ONNX_FILE, SCALER_FILE, METADATA_FILE)
 METADATA_SCHEMA_VERSION = 1
+# The ONNX graph's input (scaled float32 features) and the output the service reads (P per class).
+ONNX_INPUT = "input"
+ONNX_PROBABILITIES = "probabilities"
 
 
 def sha256_hex(data: bytes) -> str:

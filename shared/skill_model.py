@@ -14,6 +14,8 @@ from shared.artifacts import (
     METADATA_FILE,
     METADATA_SCHEMA_VERSION,
     ONNX_FILE,
+    ONNX_INPUT,
+    ONNX_PROBABILITIES,
     SCALER_FILE,
     ArtifactStore,
     read_verified,
@@ -28,8 +30,6 @@ if TYPE_CHECKING:
     import xgboost
 
 TOP_FEATURES = 5
-ONNX_INPUT = "input"
-ONNX_PROBABILITIES = "probabilities"
 
 
 def confidence_from_probability(p: np.ndarray) -> np.ndarray:

@@ -21,6 +21,8 @@ from shared.artifacts import (
     METADATA_FILE,
     METADATA_SCHEMA_VERSION,
     ONNX_FILE,
+    ONNX_INPUT,
+    ONNX_PROBABILITIES,
     SCALER_FILE,
     sha256_hex,
 )
@@ -31,7 +33,6 @@ from shared.synthetic import Cohort, generate_cohort
 log = logging.getLogger(__name__)
 
 ONNX_PARITY_TOLERANCE = 1e-6
-ONNX_INPUT = "input"
 PREDICTION_BINS = [i / 10 for i in range(11)]
 
 
@@ -144,7 +145,7 @@ def train_skill(spec: SkillSpec, cohort: Cohort, config: TrainingConfig) -> Trai
     )
     onnx_bytes = onnx_model.SerializeToString()
     session = onnxruntime.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
-    onnx_proba = session.run(["probabilities"], {ONNX_INPUT: test32})[0][:, 1]
+    onnx_proba = session.run([ONNX_PROBABILITIES], {ONNX_INPUT: test32})[0][:, 1]
     parity = float(np.max(np.abs(onnx_proba.astype(np.float64) - proba.astype(np.float64))))
     if parity > ONNX_PARITY_TOLERANCE:
         raise ExportError(
