@@ -77,6 +77,18 @@ def _healthz_version(server: LocalServer) -> str:
     return response.json()["models"][SKILL]
 
 
+def _healthz_settles_on(server: LocalServer, version: str, seconds: float = 10.0) -> bool:
+    """Each worker sees a registry change within its refresh interval; a worker that checked just
+    before the change may answer with the old version until then, so poll (bounded)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        # Two answers in a row, so both workers have been asked at least once in most interleavings.
+        if _healthz_version(server) == version and _healthz_version(server) == version:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def test_publish_promote_and_rollback_under_load(
     fast_refresh_server: tuple[LocalServer, Services], catalog: SkillCatalog, trained_dir: Path
 ) -> None:
@@ -100,13 +112,13 @@ def test_publish_promote_and_rollback_under_load(
         services.registry.promote(SKILL, record.version)
         swapped_at = len(client.snapshot())
         assert client.wait_for_run("1.1.0", swapped_at), client.snapshot()[swapped_at:]
-        assert _healthz_version(server) == "1.1.0"
+        assert _healthz_settles_on(server, "1.1.0")
 
         restored = services.registry.rollback(SKILL)
         assert restored.version == "1.0.0"
         rolled_back_at = len(client.snapshot())
         assert client.wait_for_run("1.0.0", rolled_back_at), client.snapshot()[rolled_back_at:]
-        assert _healthz_version(server) == "1.0.0"
+        assert _healthz_settles_on(server, "1.0.0")
     finally:
         client.stop.set()
         client.join(timeout=15)
