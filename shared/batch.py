@@ -15,7 +15,7 @@ from shared.assessments import Assessment
 from shared.clock import now_iso
 from shared.engine import InferenceRequest, parse_inference_request
 from shared.errors import NotFound, ServiceError, StoreUnavailable, ValidationError
-from shared.feature_store import ScoredMarker, StudentFeatures
+from shared.feature_store import MAX_STUDENT_ID_LENGTH, ScoredMarker, StudentFeatures
 from shared.runs import Chunk, Run
 from shared.services import Services
 from shared.skill_model import confidence_from_probability
@@ -178,7 +178,7 @@ def parse_chunk_request(body: Any) -> tuple[str, int, list[str]]:
     if (
         not isinstance(student_ids, list)
         or len(student_ids) > MAX_CHUNK_STUDENTS
-        or not all(isinstance(s, str) and 1 <= len(s) <= 128 for s in student_ids)
+        or not all(isinstance(s, str) and 1 <= len(s) <= MAX_STUDENT_ID_LENGTH for s in student_ids)
     ):
         problems.append(
             {"field": "student_ids", "problem": f"must be an array of up to {MAX_CHUNK_STUDENTS} student ids"}

@@ -14,13 +14,13 @@ import numpy as np
 from shared.artifacts import ArtifactStore
 from shared.catalog import SkillCatalog
 from shared.errors import ModelUnavailable, ServiceError, StoreUnavailable, UnknownSkill, ValidationError
+from shared.feature_store import MAX_STUDENT_ID_LENGTH
 from shared.features import PreparedFeatures
 from shared.registry import ModelRegistry, ModelVersion
 from shared.skill_model import SkillModel, confidence_from_probability
 
 log = logging.getLogger(__name__)
 
-MAX_STUDENT_ID_LENGTH = 128
 
 
 @dataclass(frozen=True)

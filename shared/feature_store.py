@@ -284,7 +284,9 @@ def load_feature_file(
             continue
         student_id = row.get("student_id")
         if not isinstance(student_id, str) or not 1 <= len(student_id.strip()) <= MAX_STUDENT_ID_LENGTH:
-            report.bad_rows.append({"line": line, "problems": ["student_id: must be 1 to 128 characters"]})
+            report.bad_rows.append(
+                {"line": line, "problems": [f"student_id: must be 1 to {MAX_STUDENT_ID_LENGTH} characters"]}
+            )
             continue
         raw = {k: v for k, v in row.items() if k != "student_id"}
         unknown.update(k for k in raw if k not in known and k not in ("teacher_ratings", "updated_at"))
