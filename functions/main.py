@@ -89,7 +89,7 @@ def batch_worker(request: flask.Request) -> Any:
     run_id, chunk, student_ids = batch.parse_chunk_request(body)
     attempt = request.headers.get("X-CloudTasks-TaskRetryCount", "0")
     log_fields(run_id=run_id, chunk=chunk, task=request.headers.get("X-CloudTasks-TaskName"), attempt=attempt)
-    return batch.score_chunk(services, run_id, chunk, student_ids, int(attempt) if attempt.isdigit() else 0)
+    return batch.score_chunk(services, run_id, chunk, student_ids, int(attempt) if attempt.isascii() and attempt.isdigit() else 0)
 
 
 @endpoint("GET")

@@ -14,11 +14,11 @@ import numpy as np
 from shared.assessments import Assessment
 from shared.clock import now_iso
 from shared.engine import InferenceRequest, parse_inference_request
-from shared.errors import NotFound, ServiceError, StoreUnavailable, ValidationError
-from shared.feature_store import MAX_STUDENT_ID_LENGTH, ScoredMarker, StudentFeatures
+from shared.errors import ModelUnavailable, NotFound, ServiceError, StoreUnavailable, ValidationError
+from shared.feature_store import ScoredMarker, StudentFeatures, is_student_id
 from shared.runs import Chunk, Run
 from shared.services import Services
-from shared.skill_model import confidence_from_probability
+from shared.skill_model import SkillModel, confidence_from_probability
 from shared.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def parse_nightly_request(body: Any) -> tuple[bool, str | None]:
     if not isinstance(full, bool):
         problems.append({"field": "full", "problem": "must be true or false"})
     run_id = body.get("run_id")
-    if run_id is not None and (not isinstance(run_id, str) or not RUN_ID.match(run_id)):
+    if run_id is not None and (not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id)):
         problems.append({"field": "run_id", "problem": "must be 1 to 100 letters, digits, '-' or '_'"})
     if problems:
         raise ValidationError(problems)
@@ -122,6 +122,8 @@ def dispatch_nightly(services: Services, full: bool = False, run_id: str | None 
     runs = services.runs
     if runs.get(run_id) is None:
         versions = production_versions(services)
+        if not versions:
+            raise ModelUnavailable("No skill has a version in production; there is nothing to score with.")
         signature = models_signature(versions)
         students = [s.student_id for s in services.features.scoring_states() if full or s.needs_scoring(signature)]
         size = services.settings.batch_chunk_size
@@ -156,7 +158,7 @@ def dispatch_nightly(services: Services, full: bool = False, run_id: str | None 
 
 def run_status(services: Services, run_id: str) -> dict[str, Any]:
     """Returns a run's progress; raises NotFound."""
-    run = services.runs.get(run_id) if RUN_ID.match(run_id) else None
+    run = services.runs.get(run_id) if RUN_ID.fullmatch(run_id) else None
     if run is None:
         raise NotFound(f"No batch run {run_id!r}.")
     return run.to_dict()
@@ -171,14 +173,14 @@ def parse_chunk_request(body: Any) -> tuple[str, int, list[str]]:
         raise ValidationError([{"field": "body", "problem": "must be a JSON object"}])
     problems = []
     run_id, chunk, student_ids = body.get("run_id"), body.get("chunk"), body.get("student_ids")
-    if not isinstance(run_id, str) or not RUN_ID.match(run_id):
+    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
         problems.append({"field": "run_id", "problem": "must be 1 to 100 letters, digits, '-' or '_'"})
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
         problems.append({"field": "chunk", "problem": "must be a non-negative integer"})
     if (
         not isinstance(student_ids, list)
         or len(student_ids) > MAX_CHUNK_STUDENTS
-        or not all(isinstance(s, str) and 1 <= len(s) <= MAX_STUDENT_ID_LENGTH for s in student_ids)
+        or not all(is_student_id(s) for s in student_ids)
     ):
         problems.append(
             {"field": "student_ids", "problem": f"must be an array of up to {MAX_CHUNK_STUDENTS} student ids"}
@@ -210,28 +212,27 @@ def feature_matrix(students: Sequence[StudentFeatures], names: Sequence[str]) ->
 def score_chunk(
     services: Services, run_id: str, chunk: int, student_ids: Sequence[str], attempt: int = 0
 ) -> dict[str, int]:
-    """Scores a chunk's students on every skill and stores the assessments; returns the counts.
+    """Scores a chunk's students on the run's skills and stores the assessments; returns the counts.
 
     Writes are idempotent (deterministic ids), so a retried chunk overwrites its earlier attempt.
     A student with invalid or missing stored features is recorded as failed on the run (a permanent
-    problem, not retried) and gets no assessment from it; a store that cannot be reached raises
-    StoreUnavailable, so the queue retries, and on the last attempt the chunk's students are recorded
-    as failed first, so the run still finishes.
+    problem, not retried) and gets no assessment from it. Any other failure (a store that cannot be
+    reached, a model that cannot be loaded) raises, so the queue retries; on the last attempt the
+    chunk's students are first recorded as failed, so the run still finishes.
     """
     started = time.perf_counter()
     run = services.runs.get(run_id)
     if run is None:
         raise NotFound(f"No batch run {run_id!r}.")
-    if _engine_signature(services) != run.models:
-        # The run names the versions it scores with; this process may not have seen them yet.
-        services.engine.refresh(force=True)
     try:
-        return _score_chunk(services, run_id, chunk, student_ids, attempt, started)
-    except StoreUnavailable as exc:
+        models = _run_models(services, run.models)
+        return _score_chunk(services, run_id, chunk, student_ids, attempt, started, models)
+    except Exception as exc:
         if attempt + 1 >= services.settings.task_max_attempts:
             # The queue gives up after this attempt: record the chunk's students as failed, so the
             # run still finishes (as partial or failed) instead of running for ever.
-            reason = f"chunk failed after {attempt + 1} attempts: {exc.message}"
+            message = exc.message if isinstance(exc, ServiceError) else type(exc).__name__
+            reason = f"chunk failed after {attempt + 1} attempts: {message}"
             try:
                 services.runs.record_chunk(run_id, chunk, 0, [{"student_id": s, "reason": reason} for s in student_ids])
             except ServiceError:
@@ -239,12 +240,44 @@ def score_chunk(
         raise
 
 
-def _engine_signature(services: Services) -> str:
-    return models_signature({s.skill: services.engine.deployment(s.skill).production.version for s in services.catalog})
+def parse_models_signature(signature: str) -> dict[str, str]:
+    """Returns {skill: version} from a models_signature string."""
+    return dict(part.split("=", 1) for part in signature.split(";") if "=" in part)
+
+
+def _run_models(services: Services, signature: str) -> list[SkillModel]:
+    """Returns the loaded models of the versions the run scores with; raises ModelUnavailable if this
+    process cannot serve exactly those (after one forced registry check)."""
+    wanted = parse_models_signature(signature)
+
+    def loaded() -> list[SkillModel]:
+        return [services.engine.deployment(skill).production for skill in wanted]
+
+    try:
+        models = loaded()
+    except ModelUnavailable:
+        models = []
+    if [m.version for m in models] != list(wanted.values()):
+        # The run names the versions it scores with; this process may not have seen them yet.
+        services.engine.refresh(force=True)
+        models = loaded()
+    if [m.version for m in models] != list(wanted.values()):
+        served = {m.skill: m.version for m in models}
+        raise ModelUnavailable(
+            f"This process cannot load the run's model versions ({signature}); it serves {models_signature(served)}.",
+            {"run_models": wanted, "loaded_models": served},
+        )
+    return models
 
 
 def _score_chunk(
-    services: Services, run_id: str, chunk: int, student_ids: Sequence[str], attempt: int, started: float
+    services: Services,
+    run_id: str,
+    chunk: int,
+    student_ids: Sequence[str],
+    attempt: int,
+    started: float,
+    models: list[SkillModel],
 ) -> dict[str, int]:
     stored = services.features.get_many(student_ids)
     failed: dict[str, str] = {}
@@ -255,7 +288,7 @@ def _score_chunk(
         else:
             failed[student_id] = "no features are stored for this student"
 
-    names = sorted({name for skill in services.catalog for name in skill.feature_names})
+    names = sorted({name for model in models for name in model.feature_names})
     column = {name: j for j, name in enumerate(names)}
     X_all, bad_rows = feature_matrix(students, names)
     for row, reason in bad_rows.items():
@@ -265,15 +298,14 @@ def _score_chunk(
     assessments: list[Assessment] = []
     versions: dict[str, str] = {}
     keep_contributions = services.settings.store_contributions
-    for spec in services.catalog:
-        model = services.engine.deployment(spec.skill).production
-        versions[spec.skill] = model.version
+    for model in models:
+        versions[model.skill] = model.version
         X = X_all[:, [column[name] for name in model.feature_names]]
         filled, valid, problems = model.schema.prepare_matrix(X)
         for row in bad_rows:
             valid[row] = False
         for row, problem in problems.items():
-            failed.setdefault(students[row].student_id, f"{spec.skill}: {problem}")
+            failed.setdefault(students[row].student_id, f"{model.skill}: {problem}")
         rows = np.flatnonzero(valid)
         if rows.size == 0:
             continue
@@ -287,7 +319,7 @@ def _score_chunk(
                 Assessment(
                     run_id=run_id,
                     student_id=student.student_id,
-                    skill=spec.skill,
+                    skill=model.skill,
                     score=float(scores[k]),
                     confidence=float(confidences[k]),
                     model_version=model.version,

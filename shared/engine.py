@@ -14,7 +14,7 @@ import numpy as np
 from shared.artifacts import ArtifactStore
 from shared.catalog import SkillCatalog
 from shared.errors import ModelUnavailable, ServiceError, StoreUnavailable, UnknownSkill, ValidationError
-from shared.feature_store import MAX_STUDENT_ID_LENGTH
+from shared.feature_store import MAX_STUDENT_ID_LENGTH, is_student_id
 from shared.features import PreparedFeatures
 from shared.registry import ModelRegistry, ModelVersion
 from shared.skill_model import SkillModel, confidence_from_probability
@@ -43,8 +43,8 @@ def parse_inference_request(body: Any, catalog: SkillCatalog) -> InferenceReques
         raise ValidationError([{"field": "body", "problem": "must be a JSON object"}])
     problems: list[dict[str, str]] = []
     student_id = body.get("student_id")
-    if not isinstance(student_id, str) or not 1 <= len(student_id) <= MAX_STUDENT_ID_LENGTH:
-        problems.append({"field": "student_id", "problem": f"must be a string of 1 to {MAX_STUDENT_ID_LENGTH} characters"})
+    if not is_student_id(student_id):
+        problems.append({"field": "student_id", "problem": f"must be a UTF-8 string of 1 to {MAX_STUDENT_ID_LENGTH} characters"})
     skill = body.get("skill")
     if not isinstance(skill, str) or not skill:
         problems.append({"field": "skill", "problem": "must be a non-empty string"})

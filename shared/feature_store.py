@@ -13,13 +13,24 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Protocol, Sequence, TypeGuard
 
 from shared.catalog import SkillCatalog
 from shared.clock import now_iso
 from shared.sqlite import SqliteDatabase
 
 MAX_STUDENT_ID_LENGTH = 128
+
+
+def is_student_id(value: object) -> TypeGuard[str]:
+    """True for a string of 1 to 128 characters that encodes as UTF-8 (a JSON escape can carry a lone surrogate)."""
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_STUDENT_ID_LENGTH:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def features_hash(features: Mapping[str, float]) -> str:
@@ -235,18 +246,26 @@ def check_feature_row(catalog_features: Mapping[str, Any], raw: Mapping[str, Any
 def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
     """Yields (line number, row, problem) from a CSV (header row) or JSON Lines file."""
     if path.suffix.lower() == ".csv":
-        # utf-8-sig: spreadsheet programs often start a CSV with a byte-order mark.
-        with path.open(newline="", encoding="utf-8-sig") as handle:
+        # utf-8-sig: spreadsheet programs often start a CSV with a byte-order mark. Undecodable bytes
+        # become U+FFFD, and their row is reported instead of ending the load.
+        with path.open(newline="", encoding="utf-8-sig", errors="replace") as handle:
             reader = csv.DictReader(handle)
             for row in reader:
                 if None in row:  # DictReader files cells past the header under the key None
                     columns = len(reader.fieldnames or [])
                     yield reader.line_num, None, f"has {columns + len(row[None])} cells; the header names {columns}"
-                    continue
-                yield reader.line_num, row, None
+                elif any("\ufffd" in (cell or "") for cell in row.values()):
+                    yield reader.line_num, None, "is not valid UTF-8"
+                else:
+                    yield reader.line_num, row, None
         return
-    with path.open(encoding="utf-8-sig") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw_line in enumerate(handle, start=1):
+            try:
+                line = raw_line.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError:
+                yield number, None, "is not valid UTF-8"
+                continue
             if not line.strip():
                 continue
             try:
@@ -282,8 +301,9 @@ def load_feature_file(
         if row is None:
             report.bad_rows.append({"line": line, "problems": [problem]})
             continue
-        student_id = row.get("student_id")
-        if not isinstance(student_id, str) or not 1 <= len(student_id.strip()) <= MAX_STUDENT_ID_LENGTH:
+        raw_id = row.get("student_id")
+        student_id = raw_id.strip() if isinstance(raw_id, str) else raw_id
+        if not is_student_id(student_id):
             report.bad_rows.append(
                 {"line": line, "problems": [f"student_id: must be 1 to {MAX_STUDENT_ID_LENGTH} characters"]}
             )
@@ -294,7 +314,7 @@ def load_feature_file(
         if problems:
             report.bad_rows.append({"line": line, "student_id": student_id, "problems": problems})
             continue
-        pending.setdefault(student_id.strip(), {}).update(values)
+        pending.setdefault(student_id, {}).update(values)
         report.accepted += 1
         if len(pending) >= batch_size:
             report.changed += store.upsert(pending)

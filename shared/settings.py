@@ -6,6 +6,7 @@ import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
+from urllib.parse import urlparse
 from typing import Callable, Mapping, TypeVar
 
 from shared.errors import ConfigError
@@ -53,9 +54,9 @@ class Settings:
             host=host,
             port=port,
             server_workers=reader.number("SERVER_WORKERS", cores, int, minimum=1),
-            artifact_store=reader.text("ARTIFACT_STORE", str(PROJECT_ROOT / "var" / "artifacts")),
-            database_url=reader.text("DATABASE_URL", str(PROJECT_ROOT / "var" / "skills.sqlite3")),
-            skill_catalog=Path(reader.text("SKILL_CATALOG", str(PROJECT_ROOT / "models" / "catalog.json"))),
+            artifact_store=reader.location("ARTIFACT_STORE", "var/artifacts", ("file",)),
+            database_url=reader.location("DATABASE_URL", "var/skills.sqlite3", ("sqlite",)),
+            skill_catalog=Path(reader.location("SKILL_CATALOG", "models/catalog.json", ())),
             model_refresh_seconds=reader.number("MODEL_REFRESH_SECONDS", 30.0, float, minimum=0.0),
             max_request_bytes=reader.number("MAX_REQUEST_BYTES", 1 << 20, int, minimum=1024),
             max_batch_request_bytes=reader.number("MAX_BATCH_REQUEST_BYTES", 32 << 20, int, minimum=1024),
@@ -65,7 +66,7 @@ class Settings:
             # compete with the other workers for a core cost more than they give (measured 3x slower).
             batch_threads=reader.number("BATCH_THREADS", 1, int, minimum=1),
             log_level=reader.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
-            task_queue=reader.text("TASK_QUEUE", "local"),
+            task_queue=reader.choice("TASK_QUEUE", "local", ("local",)),
             worker_url=reader.text("WORKER_URL", f"http://{host}:{port}/tasks/batch-worker"),
             batch_chunk_size=reader.number("BATCH_CHUNK_SIZE", 200, int, minimum=1, maximum=10_000),
             task_max_attempts=reader.number("TASK_MAX_ATTEMPTS", 3, int, minimum=1, maximum=100),
@@ -93,9 +94,21 @@ class _Reader:
         return value or default
 
     def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
-        value = self.text(name, default).upper()
+        value = self.text(name, default)
+        value = value.upper() if default.isupper() else value.lower()
         if value not in allowed:
             raise ConfigError(f"Config {name!r} must be one of {', '.join(allowed)}; got {value!r}.")
+        return value
+
+    def location(self, name: str, default: str, schemes: tuple[str, ...]) -> str:
+        """Returns a path (relative ones resolved against the project root) or a URL of a known scheme."""
+        value = self.text(name, default)
+        scheme = urlparse(value).scheme
+        if not scheme:
+            return str((PROJECT_ROOT / value).resolve())
+        if scheme not in schemes:
+            known = ", ".join(["a path", *(f"{s}://" for s in schemes)])
+            raise ConfigError(f"Config {name!r} has the unknown scheme {scheme!r}; known: {known}.")
         return value
 
     def flag(self, name: str, default: bool) -> bool:

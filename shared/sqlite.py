@@ -54,6 +54,9 @@ class SqliteDatabase:
             raise StoreUnavailable(f"The database {self.path} is unavailable: {exc}") from exc
         try:
             yield conn
+        except sqlite3.OperationalError as exc:
+            conn.execute("ROLLBACK")
+            raise StoreUnavailable(f"The database {self.path} is unavailable: {exc}") from exc
         except BaseException:
             conn.execute("ROLLBACK")
             raise

@@ -86,7 +86,7 @@ class LocalTaskQueue:
         db.ensure_schema("local_tasks", _TASKS_DDL)
 
     def enqueue(self, task: Task) -> bool:
-        if not TASK_NAME.match(task.name):
+        if not TASK_NAME.fullmatch(task.name):
             raise ValueError(f"Task name {task.name!r} is not a valid Cloud Tasks id.")
         with self.db.transaction() as conn:
             cursor = conn.execute(

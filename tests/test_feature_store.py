@@ -206,8 +206,7 @@ def test_load_csv_reports_each_bad_row_by_line_and_loads_the_rest(
 def test_load_csv_reports_a_row_with_more_cells_than_the_header(
     store: SqliteFeatureStore, catalog: SkillCatalog, tmp_path: Path
 ) -> None:
-    """Fails today: csv.DictReader files surplus cells under the key None, which lands in the unknown
-    columns, and sorting them with the real names raises TypeError after the good rows are stored."""
+    """csv.DictReader files surplus cells under the key None; such a row is reported, not a crash."""
     path = write_lines(
         tmp_path / "ragged.csv",
         ["student_id,word_count_total,mystery_column", "good-1,100,a", "ragged,200,b,surplus", "good-2,300,c"],
@@ -268,3 +267,38 @@ def test_load_script_exits_1_naming_the_bad_line_and_0_for_a_clean_file(tmp_path
 
     loaded = SqliteFeatureStore(SqliteDatabase(database)).get_many(["a", "b", "c", "d"])
     assert set(loaded) == {"a", "c", "d"}
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_row_that_is_not_utf8_is_reported_by_line_and_the_rest_load(
+    store: SqliteFeatureStore, catalog: SkillCatalog, tmp_path: Path, suffix: str
+) -> None:
+    if suffix == ".csv":
+        lines = [b"student_id,word_count_total", b"good-1,100", b"bad-\xff\xfe,200", b"good-2,300"]
+    else:
+        lines = [
+            b'{"student_id": "good-1", "features": {"word_count_total": 100}}',
+            b'{"student_id": "bad-\xff\xfe", "features": {"word_count_total": 200}}',
+            b'{"student_id": "good-2", "features": {"word_count_total": 300}}',
+        ]
+    path = tmp_path / f"mixed{suffix}"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+
+    report = load_feature_file(store, catalog, path)
+
+    assert bad_lines(report) == {3 if suffix == ".csv" else 2: ["is not valid UTF-8"]}
+    assert set(store.get_many(["good-1", "good-2"])) == {"good-1", "good-2"}
+
+
+def test_a_student_id_with_a_lone_surrogate_is_a_bad_row(
+    store: SqliteFeatureStore, catalog: SkillCatalog, tmp_path: Path
+) -> None:
+    path = write_lines(
+        tmp_path / "surrogate.jsonl",
+        ['{"student_id": "s-\\ud800", "features": {}}', '{"student_id": "fine", "features": {}}'],
+    )
+
+    report = load_feature_file(store, catalog, path)
+
+    assert list(bad_lines(report)) == [1]
+    assert report.accepted == 1

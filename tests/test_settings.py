@@ -115,3 +115,23 @@ def test_replace_changes_named_settings_only() -> None:
 def test_replace_rejects_unknown_names() -> None:
     with pytest.raises(ConfigError, match="prot"):
         Settings.from_env({}).replace(prot=9090)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("DATABASE_URL", "postgres://db/skills"), ("ARTIFACT_STORE", "s3://bucket/models"), ("TASK_QUEUE", "cloud")],
+)
+def test_an_unknown_backend_stops_the_start_naming_its_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env({name: value})
+
+
+def test_relative_paths_resolve_against_the_project_not_the_working_directory(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = Settings.from_env({"DATABASE_URL": "var/x.sqlite3", "ARTIFACT_STORE": "var/a", "SKILL_CATALOG": "models/catalog.json"})
+    assert settings.database_url == str(PROJECT_ROOT / "var" / "x.sqlite3")
+    assert settings.artifact_store == str(PROJECT_ROOT / "var" / "a")
+    assert settings.skill_catalog == PROJECT_ROOT / "models" / "catalog.json"
+    assert Settings.from_env({"DATABASE_URL": "sqlite:////tmp/x.sqlite3"}).database_url == "sqlite:////tmp/x.sqlite3"
