@@ -221,8 +221,8 @@ def small_chunks_env(env: dict[str, str]) -> dict[str, str]:
 def test_a_run_after_a_promotion_scores_with_the_promoted_version(
     small_chunks_env: dict[str, str], services: Services, live_server: LocalServer, trained_dir: Path
 ) -> None:
-    """Fails today: the worker scores with the version its engine cached (MODEL_REFRESH_SECONDS), not
-    the run's; it marks students with that stale signature, so the following run picks them all again."""
+    """Workers score with the versions the run recorded, even if their engine checked the registry just
+    before the promotion (MODEL_REFRESH_SECONDS), so the following run has nothing left to score."""
     ensure_demo_students(services, 50)
     assert run_to_end(live_server, "before")[1]["status"] == "succeeded"
     record = publish_version(services.registry, services.artifacts, trained_dir / "leadership")

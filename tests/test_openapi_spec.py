@@ -133,7 +133,7 @@ def test_nullable_becomes_a_json_schema_type_list():
         to_json_schema({"nullable": True})
 
 
-# -- the helper accepts the contract ---------------------------------------------------------------
+# -- the contract check accepts the contract ---------------------------------------------------------------
 
 
 def _infer_response(**changes: Any) -> dict[str, Any]:
@@ -191,7 +191,7 @@ def test_helper_accepts_documented_answers():
     )
 
 
-# -- the helper rejects breaches -------------------------------------------------------------------
+# -- the contract check rejects breaches -------------------------------------------------------------------
 
 
 def _without(body: dict[str, Any], key: str) -> dict[str, Any]:
