@@ -2,9 +2,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# The Cloud Tasks emulator pins an old protobuf, so it lives in a virtual environment of its own.
+TASKS_EMULATOR_VENV ?= .venv-tasks-emulator
+TASKS_EMULATOR_REQUIREMENTS := tests/emulators/requirements-tasks-emulator.txt
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install run test bench models clean
+.PHONY: install emulators run test bench models clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -12,7 +15,14 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
+$(TASKS_EMULATOR_VENV)/.installed: $(TASKS_EMULATOR_REQUIREMENTS)
+	$(PYTHON) -m venv $(TASKS_EMULATOR_VENV)
+	$(TASKS_EMULATOR_VENV)/bin/python -m pip install --quiet -r $(TASKS_EMULATOR_REQUIREMENTS)
+	touch $@
+
 install: $(VENV)/.installed
+
+emulators: $(TASKS_EMULATOR_VENV)/.installed
 
 models: install
 	$(PY) scripts/train.py --if-absent
@@ -20,7 +30,7 @@ models: install
 run: install
 	$(PY) scripts/run_local.py
 
-test: install
+test: install emulators
 	$(PY) -m pytest -q
 
 bench: install
@@ -28,4 +38,4 @@ bench: install
 	$(PY) scripts/bench_batch.py
 
 clean:
-	rm -rf $(VENV) var models/artifacts .pytest_cache
+	rm -rf $(VENV) $(TASKS_EMULATOR_VENV) var models/artifacts .pytest_cache

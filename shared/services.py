@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 from functools import cached_property
+from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlparse
 
 from shared.artifacts import ArtifactStore, open_artifact_store
 from shared.assessments import AssessmentStore, SqliteAssessmentStore
@@ -18,12 +20,32 @@ from shared.settings import Settings
 from shared.sqlite import SqliteDatabase, open_database, sqlite_path
 from shared.tasks import LocalTaskQueue, TaskQueue
 
+if TYPE_CHECKING:
+    from shared.gcp.firestore import FirestoreDatabase
+
 
 class Services:
-    """The process's services; each is built on first use, so a function pays only for what it touches."""
+    """The process's services; each is built on first use, so a function pays only for what it touches.
+
+    The backend of each store is picked here, from the settings, and nowhere else: DATABASE_URL
+    (a SQLite file or firestore://PROJECT/DATABASE) for the registry, features, assessments and runs;
+    TASK_QUEUE for the queue. Google clients are imported only when a GCP backend is configured.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+
+    @property
+    def on_firestore(self) -> bool:
+        return urlparse(self.settings.database_url).scheme == "firestore"
+
+    @cached_property
+    def firestore(self) -> FirestoreDatabase:
+        from shared.gcp.firestore import FirestoreDatabase
+
+        parsed = urlparse(self.settings.database_url)
+        database = unquote(parsed.path.strip("/")) or "(default)"
+        return FirestoreDatabase(parsed.netloc, database)
 
     @cached_property
     def catalog(self) -> SkillCatalog:
@@ -38,33 +60,53 @@ class Services:
         path = sqlite_path(self.settings.database_url)
         if path is None:
             raise ConfigError(
-                f"Config 'DATABASE_URL' has an unknown scheme: {self.settings.database_url!r}; "
-                "known: a file path, sqlite:///path (firestore:// arrives with the GCP backends)."
+                f"Config 'DATABASE_URL' names no SQLite database: {self.settings.database_url!r}; "
+                "the embedded task queue needs one (a file path or sqlite:///path)."
             )
         return open_database(path)
 
     @cached_property
     def registry(self) -> ModelRegistry:
+        if self.on_firestore:
+            from shared.gcp.firestore import FirestoreRegistryBackend
+
+            return ModelRegistry(FirestoreRegistryBackend(self.firestore))
         return ModelRegistry(SqliteRegistryBackend(self.database))
 
     @cached_property
     def features(self) -> FeatureStore:
+        if self.on_firestore:
+            from shared.gcp.firestore import FirestoreFeatureStore
+
+            return FirestoreFeatureStore(self.firestore)
         return SqliteFeatureStore(self.database)
 
     @cached_property
     def assessments(self) -> AssessmentStore:
+        if self.on_firestore:
+            from shared.gcp.firestore import FirestoreAssessmentStore
+
+            return FirestoreAssessmentStore(self.firestore)
         return SqliteAssessmentStore(self.database)
 
     @cached_property
     def runs(self) -> RunStore:
+        if self.on_firestore:
+            from shared.gcp.firestore import FirestoreRunStore
+
+            return FirestoreRunStore(self.firestore)
         return SqliteRunStore(self.database)
 
     @cached_property
     def tasks(self) -> TaskQueue:
-        if self.settings.task_queue != "local":
-            raise ConfigError(
-                f"Config 'TASK_QUEUE' has the unknown value {self.settings.task_queue!r}; known: local "
-                "(Cloud Tasks arrives with the GCP backends)."
+        if self.settings.task_queue.startswith("cloudtasks://"):
+            from shared.gcp.tasks import CloudTasksQueue
+
+            return CloudTasksQueue(
+                self.settings.task_queue.removeprefix("cloudtasks://"),
+                service_account=self.settings.tasks_service_account,
+                audience=self.settings.tasks_audience,
+                emulator_host=self.settings.cloud_tasks_emulator_host,
             )
         return LocalTaskQueue(
             self.database,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from urllib.parse import urlparse
@@ -15,6 +17,11 @@ from shared.errors import ConfigError
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 T = TypeVar("T")
+
+_CLOUD_TASKS_QUEUE = re.compile(r"cloudtasks://projects/[a-z][a-z0-9-]{4,61}[a-z0-9]/locations/[a-z0-9-]+/queues/[A-Za-z0-9-]{1,100}")
+# URL schemes whose first part names a cloud resource: gs://BUCKET/PREFIX, firestore://PROJECT/DATABASE.
+_NAMED_SCHEMES = {"gs": "bucket", "firestore": "project"}
+_MONITORING_PROJECT = re.compile(r"monitoring://[a-z][a-z0-9-]{4,61}[a-z0-9]")
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,17 @@ class Settings:
     task_min_backoff_seconds: float
     store_contributions: bool
     chaos_fail_chunks: frozenset[int]
+    tasks_service_account: str
+    tasks_audience: str
+    cloud_tasks_emulator_host: str
+    firestore_emulator_host: str
+    storage_emulator_host: str
+    artifact_cache_dir: Path
+    metrics: str
+    metrics_flush_seconds: float
+    metrics_location: str
+    monitoring_emulator_host: str
+    service_name: str
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -50,12 +68,13 @@ class Settings:
         cores = os.cpu_count() or 1
         host = reader.text("HOST", "127.0.0.1")
         port = reader.number("PORT", 8080, int, minimum=1, maximum=65535)
+        worker_url = reader.text("WORKER_URL", f"http://{host}:{port}/tasks/batch-worker")
         return cls(
             host=host,
             port=port,
             server_workers=reader.number("SERVER_WORKERS", cores, int, minimum=1),
-            artifact_store=reader.location("ARTIFACT_STORE", "var/artifacts", ("file",)),
-            database_url=reader.location("DATABASE_URL", "var/skills.sqlite3", ("sqlite",)),
+            artifact_store=reader.location("ARTIFACT_STORE", "var/artifacts", ("file", "gs")),
+            database_url=reader.location("DATABASE_URL", "var/skills.sqlite3", ("sqlite", "firestore")),
             skill_catalog=Path(reader.location("SKILL_CATALOG", "models/catalog.json", ())),
             model_refresh_seconds=reader.number("MODEL_REFRESH_SECONDS", 30.0, float, minimum=0.0),
             max_request_bytes=reader.number("MAX_REQUEST_BYTES", 1 << 20, int, minimum=1024),
@@ -66,13 +85,30 @@ class Settings:
             # compete with the other workers for a core cost more than they give (measured 3x slower).
             batch_threads=reader.number("BATCH_THREADS", 1, int, minimum=1),
             log_level=reader.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
-            task_queue=reader.choice("TASK_QUEUE", "local", ("local",)),
-            worker_url=reader.text("WORKER_URL", f"http://{host}:{port}/tasks/batch-worker"),
+            task_queue=reader.task_queue("TASK_QUEUE"),
+            worker_url=worker_url,
             batch_chunk_size=reader.number("BATCH_CHUNK_SIZE", 200, int, minimum=1, maximum=10_000),
             task_max_attempts=reader.number("TASK_MAX_ATTEMPTS", 3, int, minimum=1, maximum=100),
             task_min_backoff_seconds=reader.number("TASK_MIN_BACKOFF_SECONDS", 1.0, float, minimum=0.0),
             store_contributions=reader.flag("STORE_CONTRIBUTIONS", False),
             chaos_fail_chunks=reader.numbers("CHAOS_FAIL_CHUNKS"),
+            tasks_service_account=reader.text("TASKS_SERVICE_ACCOUNT", ""),
+            tasks_audience=reader.text("TASKS_AUDIENCE", worker_url),
+            # The Google clients of Firestore and Cloud Storage read their emulator variables themselves;
+            # they are read here too so that the settings say which servers the process talks to.
+            cloud_tasks_emulator_host=reader.text("CLOUD_TASKS_EMULATOR_HOST", ""),
+            firestore_emulator_host=reader.text("FIRESTORE_EMULATOR_HOST", ""),
+            storage_emulator_host=reader.text("STORAGE_EMULATOR_HOST", ""),
+            artifact_cache_dir=Path(
+                reader.location("ARTIFACT_CACHE_DIR", str(Path(tempfile.gettempdir()) / "skill-artifact-cache"), ())
+            ),
+            metrics=reader.metrics("METRICS"),
+            # Cloud Monitoring takes at most one point per series every 5 seconds.
+            metrics_flush_seconds=reader.number("METRICS_FLUSH_SECONDS", 60.0, float, minimum=5.0),
+            metrics_location=reader.text("METRICS_LOCATION", "global"),
+            monitoring_emulator_host=reader.text("MONITORING_EMULATOR_HOST", ""),
+            # Cloud Run sets K_SERVICE to the service (function) name.
+            service_name=reader.text("K_SERVICE", "skills-local"),
         )
 
     def replace(self, **changes: object) -> Settings:
@@ -109,6 +145,29 @@ class _Reader:
         if scheme not in schemes:
             known = ", ".join(["a path", *(f"{s}://" for s in schemes)])
             raise ConfigError(f"Config {name!r} has the unknown scheme {scheme!r}; known: {known}.")
+        if scheme in _NAMED_SCHEMES and not urlparse(value).netloc:
+            raise ConfigError(f"Config {name!r} must name the {_NAMED_SCHEMES[scheme]} after {scheme}://; got {value!r}.")
+        return value
+
+    def task_queue(self, name: str) -> str:
+        """Returns `local` or a Cloud Tasks queue URL `cloudtasks://projects/P/locations/L/queues/Q`."""
+        value = self.text(name, "local")
+        if value.lower() == "local":
+            return "local"
+        if not _CLOUD_TASKS_QUEUE.fullmatch(value):
+            raise ConfigError(
+                f"Config {name!r} must be local or cloudtasks://projects/PROJECT/locations/LOCATION/queues/QUEUE; "
+                f"got {value!r}."
+            )
+        return value
+
+    def metrics(self, name: str) -> str:
+        """Returns `log`, `off` or a Cloud Monitoring project URL `monitoring://PROJECT`."""
+        value = self.text(name, "log")
+        if value.lower() in ("log", "off"):
+            return value.lower()
+        if not _MONITORING_PROJECT.fullmatch(value):
+            raise ConfigError(f"Config {name!r} must be log, off or monitoring://PROJECT; got {value!r}.")
         return value
 
     def flag(self, name: str, default: bool) -> bool:
