@@ -22,6 +22,7 @@ from shared.tasks import LocalTaskQueue, TaskQueue
 
 if TYPE_CHECKING:
     from shared.gcp.firestore import FirestoreDatabase
+    from shared.metrics import MetricsRecorder
 
 
 class Services:
@@ -53,7 +54,7 @@ class Services:
 
     @cached_property
     def artifacts(self) -> ArtifactStore:
-        return open_artifact_store(self.settings.artifact_store)
+        return open_artifact_store(self.settings.artifact_store, self.settings.artifact_cache_dir)
 
     @cached_property
     def database(self) -> SqliteDatabase:
@@ -114,6 +115,12 @@ class Services:
             min_backoff_seconds=self.settings.task_min_backoff_seconds,
             concurrency=self.settings.server_workers,
         )
+
+    @cached_property
+    def metrics(self) -> MetricsRecorder:
+        from shared.metrics import open_metrics
+
+        return open_metrics(self.settings)
 
     @cached_property
     def engine(self) -> InferenceEngine:
