@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from shared.artifacts import (
     ARTIFACT_FILES,
     METADATA_FILE,
-    METADATA_SCHEMA_VERSION,
+    READABLE_METADATA_SCHEMA_VERSIONS,
     ArtifactStore,
     manifest_digest,
     publish_files,
     sha256_hex,
+    version_key,
 )
-from shared.errors import ArtifactIntegrityError, Conflict, NotFound
+from shared.errors import ArtifactIntegrityError, NotFound
 from shared.registry import ModelRegistry, ModelVersion
+
+log = logging.getLogger(__name__)
 
 
 def read_trained_folder(folder: Path) -> dict[str, bytes]:
@@ -26,7 +30,7 @@ def read_trained_folder(folder: Path) -> dict[str, bytes]:
         raise NotFound(f"{folder} lacks the artifacts {missing}; train the skill first.")
     files = {name: (folder / name).read_bytes() for name in ARTIFACT_FILES}
     metadata = json.loads(files[METADATA_FILE])
-    if metadata.get("schema_version") != METADATA_SCHEMA_VERSION:
+    if metadata.get("schema_version") not in READABLE_METADATA_SCHEMA_VERSIONS:
         raise ArtifactIntegrityError(f"{folder}/{METADATA_FILE} has an unknown schema_version.")
     for name, digest in metadata["artifacts"].items():
         if sha256_hex(files[name]) != digest:
@@ -41,27 +45,58 @@ def publish_version(
     version: str | None = None,
     bump: str = "minor",
 ) -> ModelVersion:
-    """Uploads a trained folder as a new version of its skill and registers it in stage `staging`.
+    """Publishes a trained folder as a new version of its skill, in stage `staging`; returns its record.
 
-    The version (the next one by default) is stamped into the published metadata.json; the
-    registry records the sha256 of every file, which the engine checks on every load.
+    The version (the next one by default) is stamped into the published metadata.json. Reserve first,
+    upload second, so that the registry, the source of truth, decides who owns a version before any
+    byte is uploaded:
+
+    1. Reserve: the complete record (each file's sha256 is known before upload) is inserted in stage
+       `reserved`, in one transaction. Of two publishers of one version, the second gets Conflict
+       here, having uploaded nothing.
+    2. Upload every file. Cloud Storage uploads are conditional on the object not existing, so even a
+       publisher that bypassed the registry could not replace a published file.
+    3. Complete: the version moves from `reserved` to `staging`.
+
+    If an upload fails, the reservation is archived and the error re-raised: the version number is
+    spent, never reused with other files (publish again to get the next one). A reserved version is
+    never served and cannot be promoted; one left reserved by a crashed publisher can be archived.
+    Raises NotFound or ArtifactIntegrityError for a bad folder, Conflict if the version exists,
+    StoreUnavailable if a store cannot be reached.
     """
     files = read_trained_folder(folder)
     metadata = json.loads(files[METADATA_FILE])
     skill = metadata["skill"]
     version = version or registry.next_version(skill, bump)
-    if any(v.version == version for v in registry.versions(skill)):
-        # Checked before writing: uploading first would overwrite the registered version's files.
-        raise Conflict(f"Skill {skill!r} already has version {version!r}.")
     metadata["version"] = version
     files[METADATA_FILE] = json.dumps(metadata, indent=1).encode()
-    uri, checksums = publish_files(store, skill, version, files)
-    return registry.register(
+    checksums = {name: sha256_hex(files[name]) for name in ARTIFACT_FILES}
+
+    registry.reserve(
         skill,
         version,
         trained_at=metadata["trained_at"],
         metrics={"heldout": metadata["metrics"], "baseline": metadata["baseline_metrics"]},
-        artifact_uri=uri,
+        artifact_uri=store.uri_for(version_key(skill, version)),
         sha256=manifest_digest(checksums),
         checksums=checksums,
     )
+    try:
+        publish_files(store, skill, version, files)
+    except BaseException as exc:  # an interrupted upload spends the number too
+        _abandon(registry, skill, version, exc)
+        raise
+    return registry.complete(skill, version)
+
+
+def _abandon(registry: ModelRegistry, skill: str, version: str, reason: BaseException) -> None:
+    """Archives the reservation of a publish whose upload failed; if the registry cannot do it either,
+    says so, since the version then stays reserved until an operator archives it."""
+    where = {"skill": skill, "model_version": version, "reason": str(reason)}
+    try:
+        registry.abandon(skill, version)
+    except Exception as exc:
+        log.error("publish failed and its reservation could not be archived; archive it by hand",
+                  extra={**where, "archive_error": str(exc)})
+        return
+    log.warning("publish failed; its reservation is archived", extra=where)

@@ -11,7 +11,12 @@ from shared.clock import now_iso
 from shared.errors import Conflict, NotFound, ValidationError
 from shared.sqlite import SqliteDatabase
 
+# The stages promote can move a version to.
 STAGES = ("staging", "production", "canary", "archived")
+# A version being published: its number is taken and its record complete, but its files may not all
+# be uploaded yet. Nothing serves it, and promote refuses it; publishing moves it on to staging (or,
+# if the upload failed, to archived). The model listing shows it like any stage.
+RESERVED = "reserved"
 _SEMVER = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
 
 
@@ -125,11 +130,71 @@ class ModelRegistry:
         checksums: dict[str, str],
     ) -> ModelVersion:
         """Records a new version in stage `staging`; raises Conflict if it exists."""
+        return self._insert(skill, version, "staging", trained_at, metrics, artifact_uri, sha256, checksums)
+
+    def reserve(
+        self,
+        skill: str,
+        version: str,
+        *,
+        trained_at: str,
+        metrics: dict[str, Any],
+        artifact_uri: str,
+        sha256: str,
+        checksums: dict[str, str],
+    ) -> ModelVersion:
+        """Records a version's complete record in stage `reserved`, before its files are uploaded.
+
+        The insert is one transaction, so of two publishers of one version exactly one gets it;
+        the other gets Conflict, having written nothing. Returns the reserved record.
+        """
+        return self._insert(skill, version, RESERVED, trained_at, metrics, artifact_uri, sha256, checksums)
+
+    def complete(self, skill: str, version: str) -> ModelVersion:
+        """Moves a reserved version, its files now uploaded, to `staging`; returns it.
+
+        Raises Conflict if it is no longer reserved (an operator archived it meanwhile).
+        """
+
+        def decide(stored: list[ModelVersion]) -> dict[str, StageChange]:
+            target = next((v for v in stored if v.version == version), None)
+            if target is None:
+                raise NotFound(f"Skill {skill!r} has no version {version!r}.")
+            if target.stage != RESERVED:
+                raise Conflict(f"{skill} {version} is no longer reserved (it is {target.stage}); its publishing was abandoned.")
+            return {version: _keep(target, "staging", 0.0)}
+
+        self.backend.update(skill, decide)
+        return self.get(skill, version)
+
+    def abandon(self, skill: str, version: str) -> None:
+        """Archives a reserved version whose upload failed, so its number is never reused with other
+        files; a version in any other stage is left as it is."""
+
+        def decide(stored: list[ModelVersion]) -> dict[str, StageChange]:
+            target = next((v for v in stored if v.version == version), None)
+            if target is None or target.stage != RESERVED:
+                return {}
+            return {version: _keep(target, "archived", 0.0)}
+
+        self.backend.update(skill, decide)
+
+    def _insert(
+        self,
+        skill: str,
+        version: str,
+        stage: str,
+        trained_at: str,
+        metrics: dict[str, Any],
+        artifact_uri: str,
+        sha256: str,
+        checksums: dict[str, str],
+    ) -> ModelVersion:
         parse_semver(version)
         record = ModelVersion(
             skill=skill,
             version=version,
-            stage="staging",
+            stage=stage,
             traffic=0.0,
             created_at=now_iso(),
             trained_at=trained_at,
@@ -147,7 +212,9 @@ class ModelRegistry:
         To production: the previous production version is archived and the new one takes all
         traffic not held by a canary. To canary: it takes `traffic` (0 < traffic < 1) from production,
         replacing any earlier canary. To staging or archived: it serves nothing.
-        Raises NotFound, ValidationError, or Conflict when the move would leave no production version.
+        A reserved version (still being published) can only be archived, which abandons its publishing.
+        Raises NotFound, ValidationError, or Conflict when the move would leave no production version
+        or the version is still being published.
         """
         if stage not in STAGES:
             raise ValidationError([{"field": "stage", "problem": f"must be one of {', '.join(STAGES)}"}])
@@ -160,6 +227,10 @@ class ModelRegistry:
             if version not in versions:
                 raise NotFound(f"Skill {skill!r} has no version {version!r}.")
             target = versions[version]
+            if target.stage == RESERVED and stage != "archived":
+                raise Conflict(
+                    f"{skill} {version} is still being published (stage {RESERVED}); promote it once its upload has finished."
+                )
             production = next((v for v in stored if v.stage == "production"), None)
             canary = next((v for v in stored if v.stage == "canary"), None)
             changes: dict[str, StageChange] = {}
@@ -208,7 +279,7 @@ class ModelRegistry:
             previous = max(earlier, key=lambda v: v.promotion_seq)
             canary = next((v for v in stored if v.stage == "canary"), None)
             canary_traffic = canary.traffic if canary else 0.0
-            restored.append(previous.version)
+            restored[:] = [previous.version]  # decide may run again when a transaction retries
             return {
                 production.version: StageChange("archived", 0.0, production.promoted_at, 0),
                 previous.version: StageChange(

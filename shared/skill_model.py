@@ -12,7 +12,7 @@ from shared.artifacts import (
     ARTIFACT_FILES,
     BOOSTER_FILE,
     METADATA_FILE,
-    METADATA_SCHEMA_VERSION,
+    READABLE_METADATA_SCHEMA_VERSIONS,
     ONNX_FILE,
     ONNX_INPUT,
     ONNX_PROBABILITIES,
@@ -56,9 +56,10 @@ class SkillModel:
         metadata = json.loads(files[METADATA_FILE])
         scaler = json.loads(files[SCALER_FILE])
         where = f"{record.skill} {record.version}"
-        if metadata.get("schema_version") != METADATA_SCHEMA_VERSION:
+        if metadata.get("schema_version") not in READABLE_METADATA_SCHEMA_VERSIONS:
             raise ArtifactIntegrityError(
-                f"{where}: metadata schema_version {metadata.get('schema_version')!r} is not {METADATA_SCHEMA_VERSION}."
+                f"{where}: metadata schema_version {metadata.get('schema_version')!r} is not one of "
+                f"{READABLE_METADATA_SCHEMA_VERSIONS}."
             )
         if metadata.get("skill") != record.skill or metadata.get("version") != record.version:
             raise ArtifactIntegrityError(f"{where}: metadata names {metadata.get('skill')} {metadata.get('version')}.")
