@@ -15,7 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 from shared.clock import now_iso
 from shared.sqlite import SqliteDatabase
@@ -37,6 +37,11 @@ class Task:
 class TaskQueue(Protocol):
     def enqueue(self, task: Task) -> bool:
         """Adds the task; returns False (adding nothing) if a task of that name was ever enqueued."""
+        ...
+
+    def enqueue_many(self, tasks: Sequence[Task]) -> int:
+        """Adds the tasks whose names were never enqueued (a name repeated in `tasks` counts once);
+        returns how many it added. Raises ValueError, adding nothing, if a name is not a valid task id."""
         ...
 
 
@@ -86,15 +91,23 @@ class LocalTaskQueue:
         db.ensure_schema("local_tasks", _TASKS_DDL)
 
     def enqueue(self, task: Task) -> bool:
-        if not TASK_NAME.fullmatch(task.name):
-            raise ValueError(f"Task name {task.name!r} is not a valid Cloud Tasks id.")
-        with self.db.transaction() as conn:
-            cursor = conn.execute(
-                "INSERT OR IGNORE INTO local_tasks (name, url, payload, state, next_attempt_at, created_at) "
-                "VALUES (?, ?, ?, 'pending', ?, ?)",
-                (task.name, task.url, json.dumps(task.payload), time.time(), now_iso()),
-            )
-            created = cursor.rowcount == 1
+        return self.enqueue_many([task]) == 1
+
+    def enqueue_many(self, tasks: Sequence[Task]) -> int:
+        for task in tasks:
+            if not TASK_NAME.fullmatch(task.name):
+                raise ValueError(f"Task name {task.name!r} is not a valid Cloud Tasks id.")
+        created = 0
+        if tasks:
+            now, created_at = time.time(), now_iso()
+            # One transaction for the whole batch: a run's tasks are all recorded, or none are.
+            with self.db.transaction() as conn:
+                cursor = conn.executemany(
+                    "INSERT OR IGNORE INTO local_tasks (name, url, payload, state, next_attempt_at, created_at) "
+                    "VALUES (?, ?, ?, 'pending', ?, ?)",
+                    [(task.name, task.url, json.dumps(task.payload), now, created_at) for task in tasks],
+                )
+                created = cursor.rowcount  # executemany sums the rows each INSERT added; an ignored one adds none
         self.start_delivery()
         return created
 

@@ -84,7 +84,14 @@ def queued_tasks(services: Services) -> int:
 
 def task_attempts(services: Services, run_id: str, chunks: int) -> list[int]:
     queue = local_queue(services)
-    tasks = [queue.task(task_name(run_id, c)) for c in range(chunks)]
+    # The run finishes when its last chunk is recorded, a moment before that chunk's worker answers
+    # and the queue marks its task done: wait for the queue to settle.
+    deadline = time.monotonic() + 10
+    while True:
+        tasks = [queue.task(task_name(run_id, c)) for c in range(chunks)]
+        if all(t is not None and t["state"] == "done" for t in tasks) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert all(t is not None and t["state"] == "done" for t in tasks), tasks
     return [t["attempts"] for t in tasks if t is not None]
 
