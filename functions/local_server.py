@@ -19,6 +19,8 @@ ROUTES: dict[str, Callable[[flask.Request], flask.Response]] = {
     "/api/v1/batch/runs/<run_id>": main.batch_run_status,
     "/tasks/nightly": main.nightly,
     "/tasks/batch-worker": main.batch_worker,
+    "/tasks/drift-check": main.drift_check,
+    "/api/v1/drift/checks/<check_id>": main.drift_checks,
 }
 # Benchmarks compare every endpoint with this one: the framework's own cost for a JSON answer.
 FLOOR_PATH = "/_bench/constant"

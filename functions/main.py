@@ -11,7 +11,7 @@ from typing import Any
 
 import flask
 
-from shared import batch
+from shared import batch, drift
 from shared.api import endpoint, log_fields, read_json
 from shared.engine import parse_inference_request
 from shared.errors import ValidationError
@@ -28,6 +28,7 @@ def infer(request: flask.Request) -> Any:
     log_fields(skill=inference.skill)
     result = services.engine.infer(inference)
     log_fields(model_version=result["model_version"])
+    services.metrics.record_score(result["skill"], result["model_version"], result["score"])
     return result
 
 
@@ -67,10 +68,11 @@ def infer_batch(request: flask.Request) -> Any:
     body = read_json(request, services.settings.max_batch_request_bytes)
     result = batch.infer_batch(services, body)
     log_fields(items=len(result["results"]), succeeded=result["succeeded"], failed=result["failed"])
+    services.metrics.record_results(result["results"])
     return result
 
 
-@endpoint("POST")
+@endpoint("POST", task=True)
 def nightly(request: flask.Request) -> Any:
     """POST /tasks/nightly (Cloud Scheduler): picks students with new data and enqueues one task per chunk."""
     services = get_services()
@@ -81,7 +83,7 @@ def nightly(request: flask.Request) -> Any:
     return result, 202
 
 
-@endpoint("POST")
+@endpoint("POST", task=True)
 def batch_worker(request: flask.Request) -> Any:
     """POST /tasks/batch-worker (Cloud Tasks): scores one chunk; answers only after its writes are committed."""
     services = get_services()
@@ -97,3 +99,21 @@ def batch_run_status(request: flask.Request) -> Any:
     """GET /api/v1/batch/runs/{run_id}: a run's progress (the run id is the path's last segment)."""
     run_id = request.path.rstrip("/").rsplit("/", 1)[-1]
     return batch.run_status(get_services(), run_id)
+
+
+@endpoint("POST", task=True)
+def drift_check(request: flask.Request) -> Any:
+    """POST /tasks/drift-check (Cloud Scheduler): checks every serving version for drift; stores the check and its report."""
+    services = get_services()
+    body = read_json(request, services.settings.max_request_bytes, allow_empty=True)
+    window_days, skills = drift.parse_drift_request(body, services.catalog.names, services.settings.drift_window_days)
+    check = drift.run_drift_check(services, window_days, skills)
+    log_fields(check_id=check["check_id"], alerts=sum(len(s["alerts"]) for s in check["skills"]))
+    return check
+
+
+@endpoint("GET")
+def drift_checks(request: flask.Request) -> Any:
+    """GET /api/v1/drift/checks/{check_id}: a stored drift check; `latest` for the most recent."""
+    check_id = request.path.rstrip("/").rsplit("/", 1)[-1]
+    return drift.get_check(get_services(), check_id)

@@ -83,6 +83,7 @@ class Plan:
 TARGETS: dict[str, Target] = {
     **{f"batch_{size}_t{t}_engine_over_raw": Target(0.7, at_most=False) for size in SIZES for t in THREADS},
     "nightly_small_cold_wall_s": Target(10.0),
+    "worker_profiles_on_over_off": Target(0.95, at_most=False),
 }
 # Expectations that document a cost rather than set a goal: shown beside the figure, never judged.
 REFERENCES: dict[str, str] = {"contrib_over_scoring": "~100x (issue)"}
@@ -516,21 +517,66 @@ def print_nightly_table(figures: dict[str, float], plan: Plan) -> None:
     print(f"{'  as deployed (no scikit-learn)'.ljust(width)}{figures['nightly_xgboost_import_bundle_s']:>10.2f} s")
 
 
+# -- c. what recording serving profiles costs the chunk worker ----------------------------------------
+
+
+def bench_profiles(folder: Path, students: int, rounds: int) -> dict[str, float]:
+    """Runs the chunk worker in process (score_chunk: read, score, write, record) over the same students
+    with SERVING_PROFILES on and off, alternating chunk by chunk; returns both throughputs and their ratio."""
+    from shared import batch
+    from shared.runs import Chunk, Run
+
+    env = {"ARTIFACT_STORE": str(folder / "profiles" / "artifacts"), "DATABASE_URL": str(folder / "profiles" / "db.sqlite3"),
+           "LOG_LEVEL": "ERROR", "METRICS": "off"}
+    base = Settings.from_env(env)
+    stacks = {flag: Services(base.replace(serving_profiles=flag)) for flag in (True, False)}
+    ensure_demo_models(stacks[True], TRAINED)
+    ensure_demo_students(stacks[True], count=students, seed=COHORT_SEED)
+    ids = [s.student_id for s in stacks[True].features.scoring_states()]
+    signature = batch.models_signature(batch.production_versions(stacks[True]))
+    elapsed = {True: 0.0, False: 0.0}
+    scored = {True: 0, False: 0}
+    for round_number in range(rounds + 1):  # the first round warms both stacks up and is not counted
+        for flag, services in stacks.items():
+            run_id = f"profiles-{int(flag)}-{round_number}"
+            chunks = [Chunk(run_id, i, ids[s : s + 200]) for i, s in enumerate(range(0, len(ids), 200))]
+            services.runs.create(Run(run_id, True, signature, "", len(ids), len(chunks)), chunks)
+            started = time.perf_counter()
+            for chunk in chunks:
+                batch.score_chunk(services, run_id, chunk.chunk, chunk.student_ids)
+            if round_number:
+                elapsed[flag] += time.perf_counter() - started
+                scored[flag] += len(ids)
+    on, off = scored[True] / elapsed[True], scored[False] / elapsed[False]
+    return {"worker_profiles_on_students_per_s": on, "worker_profiles_off_students_per_s": off,
+            "worker_profiles_on_over_off": on / off}
+
+
 def run(plan: Plan, quick: bool) -> int:
     with tempfile.TemporaryDirectory(prefix="skills-bench-batch-") as temp:
         folder = Path(temp)
         print(f"stacks in {folder}; {os.cpu_count()} cores", flush=True)
         figures: dict[str, float] = {}
-        print("1/2 in-process batch scoring ...", flush=True)
+        print("1/3 in-process batch scoring ...", flush=True)
         batch, checks = bench_batch(folder, plan)
         figures.update(batch)
-        print("2/2 local nightly end to end ...", flush=True)
+        print("2/3 local nightly end to end ...", flush=True)
         figures.update(bench_nightly(folder, plan))
+        print("3/3 the chunk worker with serving profiles on and off ...", flush=True)
+        figures.update(bench_profiles(folder, 1_000 if quick else 2_000, 2 if quick else 5))
 
     print()
     print_batch_table(figures, plan)
     print()
     print_nightly_table(figures, plan)
+    print()
+    target = TARGETS["worker_profiles_on_over_off"]
+    print(
+        f"chunk worker in process (read, score 7 skills, write, record; chunks of 200), students per second: "
+        f"serving profiles on {figures['worker_profiles_on_students_per_s']:,.0f}, off "
+        f"{figures['worker_profiles_off_students_per_s']:,.0f}, on / off {figures['worker_profiles_on_over_off']:.3f} "
+        f"(target {target.describe('')}: {'PASS' if target.met(figures['worker_profiles_on_over_off']) else 'MISS'})"
+    )
     print()
     print(
         f"engine path = schema.prepare_matrix + valid rows + probabilities_booster (scale, float32, inplace_predict, clip); "

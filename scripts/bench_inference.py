@@ -13,7 +13,11 @@ absent, then published there), and measures, in one run:
    (a readiness loop over raw sockets), with the CPU the generator, the server and other processes used;
 4. cold start of a one-worker server to its first answered infer, the import time of the serving
    modules, and whether a serving process has imported xgboost or sklearn;
-5. resident memory of a serving worker with all seven models loaded, and of the gunicorn master.
+5. resident memory of a serving worker with all seven models loaded, and of the gunicorn master;
+6. the metrics writer on (METRICS=log, flushing every 5 s) against off, side by side: infer through
+   the app in process (Flask test client, every skill in turn, one set of loaded models) and over
+   HTTP (two one-worker servers per side), alternating between on and off request by request so
+   drift hits both alike; and what recording one request's metrics costs.
 
 It prints a table, each figure beside its target with PASS or MISS, then one JSON line with every
 figure. A MISS does not change the exit status; a failed request or a broken stack does.
@@ -38,18 +42,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import psutil
 
-from functions.local_server import FLOOR_PATH
+from functions.local_server import FLOOR_PATH, create_app
 from scripts.bench_targets import Target
 from shared.catalog import SkillCatalog
 from shared.engine import InferenceRequest
 from shared.local_stack import LocalServer, ensure_demo_models, free_port, gunicorn_args
-from shared.services import Services
+from shared.metrics import open_metrics
+from shared.services import Services, use_services
 from shared.settings import PROJECT_ROOT, Settings
 
 INFER_PATH = "/api/v1/skills/infer"
@@ -70,14 +76,16 @@ class Plan:
     load_max_requests: int
     cold_starts: int
     import_runs: int
+    metrics_inproc_iterations: int
+    metrics_http_pairs: int
 
     @classmethod
     def full(cls) -> Plan:
-        return cls(2_000, 300, 1_000, 8.0, 20_000, 3, 3)
+        return cls(2_000, 300, 1_000, 8.0, 20_000, 3, 3, 400, 1_000)
 
     @classmethod
     def quick(cls) -> Plan:
-        return cls(200, 50, 100, 1.5, 2_000, 1, 1)
+        return cls(200, 50, 100, 1.5, 2_000, 1, 1, 80, 100)
 
 
 # -- figures, targets and the report ---------------------------------------------------------------
@@ -89,7 +97,13 @@ TARGETS: dict[str, Target] = {
     "load_infer_rps": Target(1_000, at_most=False),
     "cold_start_median_s": Target(1.0),
     "worker_rss_mb": Target(150.0),
+    # Metrics on must cost at most 5 % over off, in process and over HTTP.
+    "inproc_metrics_on_over_off_p50": Target(1.05),
+    "inproc_profiles_on_over_off_p50": Target(1.05),
+    "http_metrics_on_over_off_p50": Target(1.05),
 }
+# The "on" stacks flush at the shortest interval allowed, so flushes happen while they are measured.
+METRICS_FLUSH_SECONDS = 5
 
 
 @dataclass(frozen=True)
@@ -262,24 +276,35 @@ def bench_in_process(
     matrices = [[m.schema.matrix([m.schema.prepare(r.features)]) for r, m in zip(row, models)] for row in requests]
     paths: dict[str, Callable[[int, int], object]] = {
         "serving": lambda s, k: engine.infer(requests[s][k]),
+        # The same engine with serving profiles off (SERVING_PROFILES=false): what recording them costs.
+        "serving_unprofiled": lambda s, k: engine.infer(requests[s][k]),
         "onnx": lambda s, k: models[k].probabilities(matrices[s][k]),
         # The first call imports xgboost and parses the boosters; the warm-up absorbs it.
         "xgb": lambda s, k: models[k].probabilities_booster(matrices[s][k]),
     }
+    profiler = engine.profiler
     for run_one in paths.values():
         time_all_skills(run_one, len(students), len(specs), plan.inproc_warmup)
-    # Rounds alternate the three paths, so a burst of load from elsewhere hits all of them alike.
+    # Rounds alternate the paths, so a burst of load from elsewhere hits all of them alike.
     timings: dict[str, list[float]] = {name: [] for name in paths}
-    rounds = 4
+    rounds = 8
     window = CpuWindow(time.process_time)
     for _ in range(rounds):
         for name, run_one in paths.items():
+            engine.profiler = None if name == "serving_unprofiled" else profiler
             timings[name] += time_all_skills(run_one, len(students), len(specs), plan.inproc_iterations // rounds)
+    engine.profiler = profiler
+    if profiler is not None:
+        profiler.flush()  # what was recorded is binned and written, as the background thread would
     background = window.close()
     figures = {}
     for name, label in (("serving", "onnx_all7"), ("onnx", "onnx_model_all7"), ("xgb", "xgb_model_all7")):
         figures[f"inproc_{label}_p50_ms"] = percentile(timings[name], 0.5)
         figures[f"inproc_{label}_p99_ms"] = percentile(timings[name], 0.99)
+    figures["inproc_unprofiled_all7_p50_ms"] = percentile(timings["serving_unprofiled"], 0.5)
+    figures["inproc_profiles_on_over_off_p50"] = (
+        figures["inproc_onnx_all7_p50_ms"] / figures["inproc_unprofiled_all7_p50_ms"]
+    )
     figures["inproc_xgb_over_onnx_p50"] = (
         figures["inproc_xgb_model_all7_p50_ms"] / figures["inproc_onnx_model_all7_p50_ms"]
     )
@@ -623,7 +648,8 @@ def bench_startup(
     runs = [cold_start(env, bodies, skills, folder / f"cold-{i}.log") for i in range(plan.cold_starts)]
     imports = [json.loads(run_probe(IMPORT_PROBE, env).stdout)["seconds"] for _ in range(plan.import_runs)]
     importtime = run_probe("import shared.engine, functions.main", env, python_flags=("-X", "importtime"))
-    serving = json.loads(run_probe(SERVING_PROBE, env, json.dumps(bodies[0])).stdout)
+    # The probe's own line comes first; the metric lines its process writes at exit follow it.
+    serving = json.loads(run_probe(SERVING_PROBE, env, json.dumps(bodies[0])).stdout.splitlines()[0])
     if serving["status"] != 200:
         raise RuntimeError(f"the serving probe's infer answered {serving['status']}")
     last = runs[-1]
@@ -647,6 +673,129 @@ def bench_startup(
     return figures, checks
 
 
+# -- 6. metrics on against off ------------------------------------------------------------------------
+
+
+def bench_metrics_in_process(
+    settings: Settings, bodies: list[dict[str, Any]], skills: int, plan: Plan
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Infer through the app's test client on two stacks, metrics on and off, alternating; returns the
+    figures, and what else used the CPU meanwhile."""
+    stacks = {
+        "on": Services(settings.replace(metrics="log", metrics_flush_seconds=float(METRICS_FLUSH_SECONDS))),
+        "off": Services(settings.replace(metrics="off")),
+    }
+    # Both serve from the same loaded models, so that they differ in nothing but their metrics.
+    stacks["off"].engine = stacks["on"].engine
+    client = create_app().test_client()
+    students = len(bodies) // skills
+    payloads = [[json.dumps(bodies[s * skills + k]).encode() for k in range(skills)] for s in range(students)]
+
+    def run_one(s: int, k: int) -> object:
+        return client.post(INFER_PATH, data=payloads[s][k], content_type="application/json")
+
+    timings: dict[str, list[float]] = {"on": [], "off": []}
+    try:
+        stacks["on"].engine.refresh(force=True)
+        for name, services in stacks.items():
+            use_services(services)
+            for k in range(skills):
+                response: Any = run_one(0, k)
+                if response.status_code != 200:
+                    raise RuntimeError(f"in-process infer with metrics {name} answered {response.status_code}")
+            time_all_skills(run_one, students, skills, plan.inproc_warmup // 6)
+        # On and off alternate request by request (first one, then the other), as the HTTP figures do,
+        # so load from elsewhere and the machine's drift hit both alike.
+        window = CpuWindow(time.process_time)
+        clock = time.perf_counter_ns
+        for i in range(plan.metrics_inproc_iterations):
+            s = i % students
+            for k in range(skills):
+                for name in ("on", "off") if (i * skills + k) % 2 == 0 else ("off", "on"):
+                    use_services(stacks[name])
+                    started = clock()
+                    run_one(s, k)
+                    timings[name].append((clock() - started) / 1e6)
+        background = window.close()
+    finally:
+        use_services(None)
+        stacks["on"].metrics.close()
+
+    # The recording alone, on a recorder of its own: what the decorator and the infer handler add per request.
+    recorder = open_metrics(settings.replace(metrics="log"))
+    count = 20_000
+    started = time.perf_counter_ns()
+    for i in range(count):
+        recorder.record_request("infer", 200, 0.0012, "leadership", "1.0.0")
+        recorder.record_score("leadership", "1.0.0", 0.5)
+    record_us = (time.perf_counter_ns() - started) / count / 1e3
+    recorder.close()
+
+    on, off = percentile(timings["on"], 0.5), percentile(timings["off"], 0.5)
+    return {
+        "inproc_metrics_on_p50_ms": on,
+        "inproc_metrics_off_p50_ms": off,
+        "inproc_metrics_on_over_off_p50": on / off,
+        "metrics_record_us_per_request": record_us,
+    }, background
+
+
+def bench_metrics_http(
+    env: dict[str, str], bodies: list[dict[str, Any]], plan: Plan
+) -> tuple[dict[str, float], dict[str, float], dict[str, Any]]:
+    """Sequential infer against one-worker servers, metrics on and off, alternating request by request;
+    returns the figures, what else used the CPU, and how many metric lines the servers of each side wrote.
+
+    Each side has two servers, all four started at once: a server process runs a few percent faster or
+    slower than another for reasons of its own (measured: +2 % between two identical servers), which
+    two processes per side average out instead of charging it to the metrics.
+    """
+    sides = {
+        "on": {**env, "METRICS": "log", "METRICS_FLUSH_SECONDS": str(METRICS_FLUSH_SECONDS)},
+        "off": {**env, "METRICS": "off"},
+    }
+    servers = [(name, LocalServer(sides[name], free_port())) for name in ("on", "off", "on", "off")]
+    timings: dict[str, list[float]] = {"on": [], "off": []}
+    # Started and stopped side by side: an "on" server's exit may wait up to 5 s to write its last
+    # series (Cloud Monitoring's one point per 5 s), which need not delay the others.
+    pool = ThreadPoolExecutor(max_workers=len(servers))
+    try:
+        list(pool.map(LocalServer.start, [server for _, server in servers]))
+        requests = [[http_request("POST", INFER_PATH, server.port, body) for body in bodies] for _, server in servers]
+        masters = [psutil.Process(server.process.pid) for _, server in servers if server.process is not None]
+        for (_, server), own in zip(servers, requests):
+            for request in own[: min(len(bodies), 100)]:  # loads every model, warms the worker
+                expect_ok(server.port, request)
+        window = CpuWindow(time.process_time, lambda: sum(server_cpu_seconds(m) for m in masters))
+        clock = time.perf_counter_ns
+        # Each round starts one server further along (on1 off1 on2 off2, off1 on2 off2 on1, ...): a
+        # request follows one of the other side, never the same server, which would find it warmer.
+        count = len(servers)
+        for i in range(plan.metrics_http_pairs // 2):
+            for j in ((i + step) % count for step in range(count)):
+                name, server = servers[j]
+                started = clock()
+                status, answer = exchange(server.port, requests[j][i % len(bodies)])
+                timings[name].append((clock() - started) / 1e6)
+                if status != 200:
+                    raise RuntimeError(f"expected 200 with metrics {name}, got {status}: {answer[:400]!r}")
+        background = window.close()
+    finally:
+        # The "on" servers write their buffered metrics as they exit.
+        list(pool.map(LocalServer.stop, [server for _, server in servers]))
+        pool.shutdown()
+    lines = {"on": 0, "off": 0}
+    for name, server in servers:
+        lines[name] += server.log().count('"message": "metric ')
+    on, off = percentile(timings["on"], 0.5), percentile(timings["off"], 0.5)
+    figures = {
+        "http_metrics_on_p50_ms": on,
+        "http_metrics_off_p50_ms": off,
+        "http_metrics_on_over_off_p50": on / off,
+    }
+    return figures, background, {"metric_log_lines_on": lines["on"], "metric_log_lines_off": lines["off"]}
+
+
 # -- the run ---------------------------------------------------------------------------------------
 
 
@@ -659,6 +808,8 @@ SECTIONS: list[tuple[str, list[Row]]] = [
         Row("probabilities_booster x7 (XGBoost) p50", "inproc_xgb_model_all7_p50_ms", " ms"),
         Row("probabilities_booster x7 (XGBoost) p99", "inproc_xgb_model_all7_p99_ms", " ms"),
         Row("XGBoost / ONNX Runtime (p50)", "inproc_xgb_over_onnx_p50", "x", 2),
+        Row("engine.infer x7, serving profiles off, p50", "inproc_unprofiled_all7_p50_ms", " ms"),
+        Row("serving profiles on / off (p50)", "inproc_profiles_on_over_off_p50", "x", 3),
     ]),
     ("2. HTTP sequential, one connection per request", [
         Row("POST infer p50", "http_infer_p50_ms", " ms"),
@@ -696,6 +847,16 @@ SECTIONS: list[tuple[str, list[Row]]] = [
         Row("gunicorn master RSS", "master_rss_mb", " MB", 1),
         Row("worker RSS after the load runs (max)", "loaded_worker_rss_max_mb", " MB", 1),
     ]),
+    (f"6. metrics writer on (METRICS=log, flush every {METRICS_FLUSH_SECONDS} s) against off", [
+        Row("in process, infer via the app, on p50", "inproc_metrics_on_p50_ms", " ms"),
+        Row("in process, infer via the app, off p50", "inproc_metrics_off_p50_ms", " ms"),
+        Row("in process on / off (p50)", "inproc_metrics_on_over_off_p50", "x", 3),
+        Row("HTTP POST infer (2 servers a side), on p50", "http_metrics_on_p50_ms", " ms"),
+        Row("HTTP POST infer (2 servers a side), off p50", "http_metrics_off_p50_ms", " ms"),
+        Row("HTTP on / off (p50)", "http_metrics_on_over_off_p50", "x", 3),
+        Row("recording one request's metrics", "metrics_record_us_per_request", " us", 2),
+        Row("  as a share of one engine.infer (p50)", "metrics_record_share_of_engine_infer", "", 3),
+    ]),
 ]
 
 
@@ -715,15 +876,27 @@ def run(plan: Plan, quick: bool) -> int:
         bodies = skill_bodies(catalog, students)
         print(f"stack in {folder}: published {len(published)} demo models; {os.cpu_count()} cores", flush=True)
 
-        print("1/3 in-process latency ...", flush=True)
+        print("1/4 in-process latency ...", flush=True)
         figures, background["in_process"] = bench_in_process(services, students, plan)
-        print("2/3 cold start, imports, memory ...", flush=True)
+        print("2/4 cold start, imports, memory ...", flush=True)
         startup, checks = bench_startup(env, bodies, catalog.names, folder, plan)
         figures.update(startup)
-        print("3/3 HTTP sequential and under load ...", flush=True)
+        print("3/4 HTTP sequential and under load ...", flush=True)
         http, http_background = bench_http(env, bodies, plan)
         figures.update(http)
         background.update(http_background)
+        print("4/4 metrics writer on against off, in process and over HTTP ...", flush=True)
+        metrics_inproc, background["metrics_in_process"] = bench_metrics_in_process(settings, bodies, len(catalog.names), plan)
+        figures.update(metrics_inproc)
+        # What recording adds to the bare model path, had it been measured there (the engine records nothing).
+        figures["metrics_record_share_of_engine_infer"] = figures["metrics_record_us_per_request"] / (
+            figures["inproc_onnx_all7_p50_ms"] * 1000 / len(catalog.names)
+        )
+        metrics_http, background["metrics_http"], metric_lines = bench_metrics_http(env, bodies, plan)
+        figures.update(metrics_http)
+        checks.update(metric_lines)
+        if metric_lines["metric_log_lines_on"] == 0 or metric_lines["metric_log_lines_off"] != 0:
+            raise RuntimeError(f"the metrics-on server must write metric lines and the off one none: {metric_lines}")
 
     gunicorn = gunicorn_args(settings)
     server = {
@@ -732,6 +905,7 @@ def run(plan: Plan, quick: bool) -> int:
         "threads": int(gunicorn[gunicorn.index("--threads") + 1]),
         "worker_class": gunicorn[gunicorn.index("--worker-class") + 1],
         "log_level": settings.log_level,
+        "metrics": settings.metrics,
         "onnx_threads": settings.onnx_threads,
         "cores": os.cpu_count() or 1,
     }
@@ -741,7 +915,7 @@ def run(plan: Plan, quick: bool) -> int:
         f"server: gunicorn {server['workers']} workers x {server['threads']} thread, "
         f"{server['worker_class']} worker class "
         f"(cold start and memory: {server['cold_start_workers']} worker), LOG_LEVEL={server['log_level']} "
-        f"(one JSON log line per request), ONNX_THREADS={server['onnx_threads']}, "
+        f"(one JSON log line per request), METRICS={server['metrics']}, ONNX_THREADS={server['onnx_threads']}, "
         f"{server['cores']} cores shared with the load generator"
     )
     print(

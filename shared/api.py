@@ -1,4 +1,4 @@
-"""HTTP plumbing the functions share: reading JSON bodies, rendering answers and errors, one log line per request."""
+"""HTTP plumbing the functions share: reading JSON bodies, rendering answers and errors, one log line and the metrics per request."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any, Callable
 import flask
 
 from shared.errors import InvalidJson, MethodNotAllowed, PayloadTooLarge, ServiceError
+from shared.services import get_services
 
 log = logging.getLogger("skills.http")
 
@@ -22,8 +23,7 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
 
 
 def error_response(error: ServiceError) -> flask.Response:
-    headers = {"Allow": ", ".join(error.allowed)} if isinstance(error, MethodNotAllowed) else None
-    return json_response(error.to_dict(), error.status, headers)
+    return json_response(error.to_dict(), error.status, error.headers() or None)
 
 
 def read_json(request: flask.Request, max_bytes: int, allow_empty: bool = False) -> Any:
@@ -59,11 +59,14 @@ def log_fields(**fields: Any) -> None:
     flask.g.setdefault("log_fields", {}).update(fields)
 
 
-def endpoint(*methods: str) -> Callable[[Handler], Callable[[flask.Request], flask.Response]]:
-    """Makes a handler a function target: checks the method, renders its result or error as JSON, logs one line.
+def endpoint(*methods: str, task: bool = False) -> Callable[[Handler], Callable[[flask.Request], flask.Response]]:
+    """Makes a handler a function target: checks the method, renders its result or error as JSON, logs one
+    line and records the request's metrics (latency per skill and model version, status, error code).
 
-    The handler returns a body (status 200) or (body, status). A ServiceError becomes its JSON error;
-    any other exception is logged with its traceback and answered with a generic 500.
+    A `task` target (called by Cloud Scheduler or Cloud Tasks) first checks its caller's ID token
+    (setting TASKS_AUTH): 401 `unauthenticated`, 403 `forbidden`. The handler returns a body (status 200)
+    or (body, status). A ServiceError becomes its JSON error; any other exception is logged with its
+    traceback and answered with a generic 500.
     """
     allowed = list(methods)
 
@@ -72,6 +75,12 @@ def endpoint(*methods: str) -> Callable[[Handler], Callable[[flask.Request], fla
         def target(request: flask.Request) -> flask.Response:
             started = time.perf_counter()
             try:
+                if task:
+                    # Per target, not per path: a deployed function answers every path it receives.
+                    # Before the method check, so that a stranger learns nothing about the endpoint.
+                    caller = get_services().task_auth.verify(request.headers.get("Authorization"))
+                    if caller is not None:
+                        log_fields(caller=caller)
                 if request.method not in allowed:
                     raise MethodNotAllowed(request.method, allowed)
                 result = handler(request)
@@ -86,9 +95,12 @@ def endpoint(*methods: str) -> Callable[[Handler], Callable[[flask.Request], fla
                     {"error": {"code": "internal", "message": "The service failed to answer; the failure is logged."}},
                     500,
                 )
+                log_fields(error_code="internal")
             latency = time.perf_counter() - started
+            status = response.status_code
+            request_fields = flask.g.get("log_fields", {})
+            _record_metrics(handler.__name__, status, latency, request_fields)
             if log.isEnabledFor(logging.INFO):
-                status = response.status_code
                 fields = {
                     "httpRequest": {
                         "requestMethod": request.method,
@@ -99,7 +111,7 @@ def endpoint(*methods: str) -> Callable[[Handler], Callable[[flask.Request], fla
                     "function": handler.__name__,
                     "status": status,
                     "latency_ms": round(latency * 1000, 3),
-                    **flask.g.get("log_fields", {}),
+                    **request_fields,
                 }
                 log.info(f"{request.method} {request.path} {status}", extra={"fields": fields})
             return response
@@ -107,3 +119,20 @@ def endpoint(*methods: str) -> Callable[[Handler], Callable[[flask.Request], fla
         return target
 
     return decorate
+
+
+_metrics_failed = False
+
+
+def _record_metrics(function: str, status: int, latency: float, fields: dict[str, Any]) -> None:
+    """Records a request's metrics (in memory: the writes happen in the background); never fails the request."""
+    global _metrics_failed
+    try:
+        get_services().metrics.record_request(
+            function, status, latency, fields.get("skill"), fields.get("model_version"), fields.get("error_code")
+        )
+    except Exception:
+        # A broken metrics setup must not fail requests, nor flood the log with one traceback each.
+        if not _metrics_failed:
+            _metrics_failed = True
+            log.exception("recording request metrics failed; later failures are not logged")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import re
@@ -16,6 +17,7 @@ from shared.clock import now_iso
 from shared.engine import InferenceRequest, parse_inference_request
 from shared.errors import ModelUnavailable, NotFound, ServiceError, StoreUnavailable, ValidationError
 from shared.feature_store import ScoredMarker, StudentFeatures, is_student_id
+from shared.profiles import chunk_parts
 from shared.runs import Chunk, Run
 from shared.services import Services
 from shared.skill_model import SkillModel, confidence_from_probability
@@ -108,7 +110,10 @@ def parse_nightly_request(body: Any) -> tuple[bool, str | None]:
 
 
 def task_name(run_id: str, chunk: int) -> str:
-    return f"{run_id}-chunk-{chunk:06d}"
+    """Returns the chunk's task name: deterministic (a second firing enqueues nothing new), and led by a
+    short hash, since Cloud Tasks warns that names sharing a sequential prefix slow its dispatch."""
+    spread = hashlib.sha256(f"{run_id}/{chunk}".encode()).hexdigest()[:4]
+    return f"{spread}-{run_id}-chunk-{chunk:06d}"
 
 
 def dispatch_nightly(services: Services, full: bool = False, run_id: str | None = None) -> dict[str, Any]:
@@ -140,14 +145,19 @@ def dispatch_nightly(services: Services, full: bool = False, run_id: str | None 
         )
         runs.create(run, chunks)
     chunks = runs.chunks(run_id)
-    enqueued = 0
-    for chunk in chunks:
-        task = Task(
-            task_name(run_id, chunk.chunk),
-            services.settings.worker_url,
-            {"run_id": run_id, "chunk": chunk.chunk, "student_ids": chunk.student_ids},
-        )
-        enqueued += services.tasks.enqueue(task)
+    enqueued = services.tasks.enqueue_many(
+        [
+            Task(
+                task_name(run_id, chunk.chunk),
+                services.settings.worker_url,
+                {"run_id": run_id, "chunk": chunk.chunk, "student_ids": chunk.student_ids},
+            )
+            # A chunk already done is not sent again: firing a run again after Cloud Tasks' name
+            # deduplication window (about an hour) would otherwise re-score it.
+            for chunk in chunks
+            if not chunk.done
+        ]
+    )
     students_total = sum(len(c.student_ids) for c in chunks)
     log.info(
         "nightly run dispatched",
@@ -295,6 +305,7 @@ def _score_chunk(
         failed.setdefault(students[row].student_id, reason)
 
     assessed_at = now_iso()
+    profiled: list[tuple[SkillModel, np.ndarray, np.ndarray, np.ndarray]] = []
     assessments: list[Assessment] = []
     versions: dict[str, str] = {}
     keep_contributions = services.settings.store_contributions
@@ -311,6 +322,7 @@ def _score_chunk(
             continue
         scoring = filled if rows.size == len(filled) else filled[rows]
         scores = model.probabilities_booster(scoring)
+        profiled.append((model, rows, scoring, scores))
         confidences = confidence_from_probability(scores)
         contributions = model.contributions(scoring) if keep_contributions else None
         for k, row in enumerate(rows.tolist()):
@@ -339,6 +351,20 @@ def _score_chunk(
     for start in range(0, len(assessments), WRITE_BATCH):
         services.assessments.write(assessments[start : start + WRITE_BATCH])
     signature = models_signature(versions)
+    # What this chunk scored, for drift checks: one profile part per model, replaced if the chunk is retried.
+    if services.settings.serving_profiles:
+        services.profiles.put(
+            chunk_parts(
+                run_id,
+                chunk,
+                assessed_at[:10],
+                [
+                    (model, scoring[keep], scores[keep])
+                    for model, rows, scoring, scores in profiled
+                    for keep in [np.array([students[row].student_id not in failed for row in rows.tolist()], dtype=bool)]
+                ],
+            )
+        )
     services.features.mark_scored(
         [ScoredMarker(s.student_id, s.features_hash, signature) for s in students if s.student_id not in failed]
     )
@@ -347,6 +373,7 @@ def _score_chunk(
         run_id, chunk, scored, [{"student_id": sid, "reason": reason} for sid, reason in failed.items()]
     )
     seconds = time.perf_counter() - started
+    services.metrics.observe_batch_chunk(len(student_ids), seconds)
     log.info(
         "chunk scored",
         extra={

@@ -16,6 +16,7 @@ from shared.catalog import SkillCatalog
 from shared.errors import ModelUnavailable, ServiceError, StoreUnavailable, UnknownSkill, ValidationError
 from shared.feature_store import MAX_STUDENT_ID_LENGTH, is_student_id
 from shared.features import PreparedFeatures
+from shared.profiles import ServingProfiler
 from shared.registry import ModelRegistry, ModelVersion
 from shared.skill_model import SkillModel, confidence_from_probability
 
@@ -99,6 +100,7 @@ class InferenceEngine:
         onnx_threads: int = 1,
         booster_threads: int = 1,
         clock: Callable[[], float] = time.monotonic,
+        profiler: ServingProfiler | None = None,
     ) -> None:
         self.catalog = catalog
         self.registry = registry
@@ -107,6 +109,7 @@ class InferenceEngine:
         self.onnx_threads = onnx_threads
         self.booster_threads = booster_threads
         self._clock = clock
+        self.profiler = profiler  # records what is scored, for drift checks
         self._deployments: dict[str, Deployment] = {}
         self._load_errors: dict[str, str] = {}
         self._failed: dict[tuple[str, str, str], str] = {}
@@ -221,6 +224,8 @@ class InferenceEngine:
         model = self.deployment(request.skill).model_for(request.student_id)
         row = model.schema.prepare(request.features)
         score = model.probability(row.values)
+        if self.profiler is not None:
+            self.profiler.observe(model, row.values, score)
         result = _result(request, model, row, score, abs(2.0 * score - 1.0))
         if request.explain:
             X = np.array([row.values], dtype=np.float64)
@@ -244,6 +249,8 @@ class InferenceEngine:
         for model, indices, rows in groups.values():
             X = model.schema.matrix(rows)
             scores = model.probabilities(X)
+            if self.profiler is not None:
+                self.profiler.observe_many(model, X, scores)
             confidences = confidence_from_probability(scores)
             explained = [k for k, i in enumerate(indices) if requests[i].explain]
             contributions = model.contributions(X[explained]) if explained else None

@@ -27,6 +27,10 @@ class ServiceError(Exception):
             error["details"] = self.details
         return {"error": error}
 
+    def headers(self) -> dict[str, str]:
+        """Returns the HTTP headers the answer must carry besides its body (none by default)."""
+        return {}
+
 
 class InvalidJson(ServiceError):
     code = "invalid_json"
@@ -55,6 +59,28 @@ class UnknownSkill(ServiceError):
         super().__init__(f"Unknown skill {skill!r}.", {"valid_skills": valid_skills})
 
 
+class Unauthenticated(ServiceError):
+    """The request carries no credentials, or ones that fail verification (signature, expiry, audience, issuer)."""
+
+    code = "unauthenticated"
+    status = 401
+
+    def __init__(self, message: str, token_presented: bool = False) -> None:
+        super().__init__(message)
+        self.token_presented = token_presented
+
+    def headers(self) -> dict[str, str]:
+        # RFC 6750 section 3: a 401 names the scheme it wants; `invalid_token` only when a token was sent.
+        return {"WWW-Authenticate": 'Bearer error="invalid_token"' if self.token_presented else "Bearer"}
+
+
+class Forbidden(ServiceError):
+    """The caller is authenticated but is not one of the accounts allowed here."""
+
+    code = "forbidden"
+    status = 403
+
+
 class NotFound(ServiceError):
     code = "not_found"
     status = 404
@@ -75,10 +101,21 @@ class MethodNotAllowed(ServiceError):
         )
         self.allowed = allowed
 
+    def headers(self) -> dict[str, str]:
+        return {"Allow": ", ".join(self.allowed)}
+
 
 class PayloadTooLarge(ServiceError):
     code = "payload_too_large"
     status = 413
+
+
+class TaskTooLarge(ServiceError):
+    """A task the service built exceeds the queue's size limit: a setting (BATCH_CHUNK_SIZE) is too
+    large for the ids stored, not the caller's mistake."""
+
+    code = "task_too_large"
+    status = 500
 
 
 class ModelUnavailable(ServiceError):

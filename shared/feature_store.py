@@ -243,8 +243,9 @@ def check_feature_row(catalog_features: Mapping[str, Any], raw: Mapping[str, Any
     return values, problems
 
 
-def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
-    """Yields (line number, row, problem) from a CSV (header row) or JSON Lines file."""
+def read_rows(path: Path, flatten_features: bool = True) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+    """Yields (line number, row, problem) from a CSV (header row) or JSON Lines file; a JSON row's
+    `features` object is merged into the row unless flatten_features is False."""
     if path.suffix.lower() == ".csv":
         # utf-8-sig: spreadsheet programs often start a CSV with a byte-order mark. Undecodable bytes
         # become U+FFFD, and their row is reported instead of ending the load.
@@ -277,7 +278,7 @@ def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]
                 yield number, None, "must be a JSON object"
                 continue
             features = row.get("features")
-            if isinstance(features, dict):
+            if flatten_features and isinstance(features, dict):
                 yield number, {"student_id": row.get("student_id"), **features}, None
             else:
                 yield number, row, None
@@ -296,7 +297,7 @@ def load_feature_file(
     report = LoadReport()
     pending: dict[str, dict[str, float]] = {}
     unknown: set[str] = set()
-    for line, row, problem in _rows(Path(path)):
+    for line, row, problem in read_rows(Path(path)):
         report.rows += 1
         if row is None:
             report.bad_rows.append({"line": line, "problems": [problem]})

@@ -50,13 +50,17 @@ def ensure_demo_students(services: Services, count: int = 1000, seed: int = 11) 
     if services.features.count() > 0:
         return 0
     from shared.feature_store import load_feature_file, write_cohort_jsonl
+    from shared.ratings import load_ratings_file
     from shared.synthetic import generate_cohort
 
     cohort = generate_cohort(services.catalog, count, seed)
     path = Path(tempfile.mkdtemp(prefix="skills-demo-")) / "demo_students.jsonl"
     write_cohort_jsonl(path, cohort.student_ids, cohort.features, cohort.teacher_ratings)
     report = load_feature_file(services.features, services.catalog, path)
-    log.info("seeded demo students", extra={"students": report.accepted})
+    ratings = load_ratings_file(services.ratings, services.catalog, path)
+    path.unlink()
+    path.parent.rmdir()
+    log.info("seeded demo students", extra={"students": report.accepted, "rated_students": ratings.accepted})
     return report.accepted
 
 

@@ -18,11 +18,15 @@ from shared.registry import ModelRegistry, SqliteRegistryBackend
 from shared.runs import RunStore, SqliteRunStore
 from shared.settings import Settings
 from shared.sqlite import SqliteDatabase, open_database, sqlite_path
+from shared.task_auth import TaskAuthenticator
 from shared.tasks import LocalTaskQueue, TaskQueue
 
 if TYPE_CHECKING:
+    from shared.drift import DriftCheckStore
     from shared.gcp.firestore import FirestoreDatabase
     from shared.metrics import MetricsRecorder
+    from shared.profiles import ProfileStore, ServingProfiler
+    from shared.ratings import TeacherRatingStore
 
 
 class Services:
@@ -46,7 +50,7 @@ class Services:
 
         parsed = urlparse(self.settings.database_url)
         database = unquote(parsed.path.strip("/")) or "(default)"
-        return FirestoreDatabase(parsed.netloc, database)
+        return FirestoreDatabase(parsed.netloc, database, emulator_host=self.settings.firestore_emulator_host)
 
     @cached_property
     def catalog(self) -> SkillCatalog:
@@ -54,7 +58,9 @@ class Services:
 
     @cached_property
     def artifacts(self) -> ArtifactStore:
-        return open_artifact_store(self.settings.artifact_store, self.settings.artifact_cache_dir)
+        return open_artifact_store(
+            self.settings.artifact_store, self.settings.artifact_cache_dir, emulator_host=self.settings.storage_emulator_host
+        )
 
     @cached_property
     def database(self) -> SqliteDatabase:
@@ -99,6 +105,43 @@ class Services:
         return SqliteRunStore(self.database)
 
     @cached_property
+    def profiles(self) -> ProfileStore:
+        if self.on_firestore:
+            from shared.gcp.firestore import FirestoreProfileStore
+
+            return FirestoreProfileStore(self.firestore)
+        from shared.profiles import SqliteProfileStore
+
+        return SqliteProfileStore(self.database)
+
+    @cached_property
+    def profiler(self) -> ServingProfiler:
+        from shared.profiles import ServingProfiler
+
+        # The store is reached only when the profiler flushes, in its own thread.
+        return ServingProfiler(lambda: self.profiles, self.settings.profile_flush_seconds)
+
+    @cached_property
+    def ratings(self) -> TeacherRatingStore:
+        if self.on_firestore:
+            from shared.gcp.firestore import FirestoreTeacherRatingStore
+
+            return FirestoreTeacherRatingStore(self.firestore)
+        from shared.ratings import SqliteTeacherRatingStore
+
+        return SqliteTeacherRatingStore(self.database)
+
+    @cached_property
+    def drift_checks(self) -> DriftCheckStore:
+        if self.on_firestore:
+            from shared.gcp.firestore import FirestoreDriftCheckStore
+
+            return FirestoreDriftCheckStore(self.firestore)
+        from shared.drift import SqliteDriftCheckStore
+
+        return SqliteDriftCheckStore(self.database)
+
+    @cached_property
     def tasks(self) -> TaskQueue:
         if self.settings.task_queue.startswith("cloudtasks://"):
             from shared.gcp.tasks import CloudTasksQueue
@@ -117,6 +160,16 @@ class Services:
         )
 
     @cached_property
+    def task_auth(self) -> TaskAuthenticator:
+        settings = self.settings
+        return TaskAuthenticator(
+            settings.tasks_auth,
+            settings.tasks_auth_audience,
+            settings.tasks_auth_allowed_emails,
+            settings.tasks_auth_certs_url,
+        )
+
+    @cached_property
     def metrics(self) -> MetricsRecorder:
         from shared.metrics import open_metrics
 
@@ -131,6 +184,7 @@ class Services:
             refresh_seconds=self.settings.model_refresh_seconds,
             onnx_threads=self.settings.onnx_threads,
             booster_threads=self.settings.batch_threads,
+            profiler=self.profiler if self.settings.serving_profiles else None,
         )
 
 

@@ -22,6 +22,7 @@ _CLOUD_TASKS_QUEUE = re.compile(r"cloudtasks://projects/[a-z][a-z0-9-]{4,61}[a-z
 # URL schemes whose first part names a cloud resource: gs://BUCKET/PREFIX, firestore://PROJECT/DATABASE.
 _NAMED_SCHEMES = {"gs": "bucket", "firestore": "project"}
 _MONITORING_PROJECT = re.compile(r"monitoring://[a-z][a-z0-9-]{4,61}[a-z0-9]")
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,10 @@ class Settings:
     chaos_fail_chunks: frozenset[int]
     tasks_service_account: str
     tasks_audience: str
+    tasks_auth: str
+    tasks_auth_audience: str
+    tasks_auth_allowed_emails: frozenset[str]
+    tasks_auth_certs_url: str
     cloud_tasks_emulator_host: str
     firestore_emulator_host: str
     storage_emulator_host: str
@@ -59,6 +64,14 @@ class Settings:
     metrics_location: str
     monitoring_emulator_host: str
     service_name: str
+    serving_profiles: bool
+    profile_flush_seconds: float
+    drift_window_days: int
+    drift_psi_warn: float
+    drift_psi_alert: float
+    drift_min_students: int
+    drift_min_rated: int
+    drift_min_teacher_r: float
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -69,6 +82,9 @@ class Settings:
         host = reader.text("HOST", "127.0.0.1")
         port = reader.number("PORT", 8080, int, minimum=1, maximum=65535)
         worker_url = reader.text("WORKER_URL", f"http://{host}:{port}/tasks/batch-worker")
+        # Off locally, where nothing signs tokens; deployed, the second gate after Cloud Run's IAM.
+        tasks_auth = reader.choice("TASKS_AUTH", "off", ("off", "oidc"))
+        needed_by = "TASKS_AUTH=oidc" if tasks_auth == "oidc" else ""
         return cls(
             host=host,
             port=port,
@@ -94,6 +110,10 @@ class Settings:
             chaos_fail_chunks=reader.numbers("CHAOS_FAIL_CHUNKS"),
             tasks_service_account=reader.text("TASKS_SERVICE_ACCOUNT", ""),
             tasks_audience=reader.text("TASKS_AUDIENCE", worker_url),
+            tasks_auth=tasks_auth,
+            tasks_auth_audience=reader.text("TASKS_AUTH_AUDIENCE", "", needed_by=needed_by),
+            tasks_auth_allowed_emails=reader.emails("TASKS_AUTH_ALLOWED_EMAILS", needed_by=needed_by),
+            tasks_auth_certs_url=reader.url("TASKS_AUTH_CERTS_URL", "https://www.googleapis.com/oauth2/v1/certs"),
             # The Google clients of Firestore and Cloud Storage read their emulator variables themselves;
             # they are read here too so that the settings say which servers the process talks to.
             cloud_tasks_emulator_host=reader.text("CLOUD_TASKS_EMULATOR_HOST", ""),
@@ -109,6 +129,16 @@ class Settings:
             monitoring_emulator_host=reader.text("MONITORING_EMULATOR_HOST", ""),
             # Cloud Run sets K_SERVICE to the service (function) name.
             service_name=reader.text("K_SERVICE", "skills-local"),
+            # A process writes its serving profile parts at most this often: Firestore sustains about
+            # one write per second per document.
+            serving_profiles=reader.flag("SERVING_PROFILES", True),
+            profile_flush_seconds=reader.number("PROFILE_FLUSH_SECONDS", 60.0, float, minimum=1.0),
+            drift_window_days=reader.number("DRIFT_WINDOW_DAYS", 7, int, minimum=1, maximum=90),
+            drift_psi_warn=reader.number("DRIFT_PSI_WARN", 0.1, float, minimum=0.0),
+            drift_psi_alert=reader.number("DRIFT_PSI_ALERT", 0.2, float, minimum=0.0),
+            drift_min_students=reader.number("DRIFT_MIN_STUDENTS", 100, int, minimum=1),
+            drift_min_rated=reader.number("DRIFT_MIN_RATED", 30, int, minimum=4),
+            drift_min_teacher_r=reader.number("DRIFT_MIN_TEACHER_R", 0.5, float, minimum=-1.0, maximum=1.0),
         )
 
     def replace(self, **changes: object) -> Settings:
@@ -125,9 +155,32 @@ class _Reader:
     def __init__(self, env: Mapping[str, str]) -> None:
         self._env = env
 
-    def text(self, name: str, default: str) -> str:
+    def text(self, name: str, default: str, needed_by: str = "") -> str:
+        """Returns the value, or the default when empty; raises ConfigError when empty and needed_by names
+        the setting that needs it."""
         value = self._env.get(name, "").strip()
+        if not value and needed_by:
+            raise ConfigError(f"Config {name!r} is missing, and {needed_by} needs it.")
         return value or default
+
+    def emails(self, name: str, needed_by: str = "") -> frozenset[str]:
+        """Returns comma-separated email addresses, lower-cased (Google compares them case-insensitively)."""
+        raw = self._env.get(name, "").strip()
+        emails = frozenset(part.strip().lower() for part in raw.split(",") if part.strip())
+        if not emails and needed_by:
+            raise ConfigError(f"Config {name!r} is missing, and {needed_by} needs it.")
+        for email in sorted(emails):
+            if not _EMAIL.fullmatch(email):
+                raise ConfigError(f"Config {name!r} must be comma-separated email addresses; got {email!r}.")
+        return emails
+
+    def url(self, name: str, default: str) -> str:
+        """Returns an http(s) URL."""
+        value = self.text(name, default)
+        parsed = urlparse(value)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ConfigError(f"Config {name!r} must be an http:// or https:// URL; got {value!r}.")
+        return value
 
     def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
         value = self.text(name, default)

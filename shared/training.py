@@ -28,6 +28,7 @@ from shared.artifacts import (
 )
 from shared.catalog import SkillCatalog, SkillSpec
 from shared.clock import now_iso
+from shared.drift_statistics import ReferenceProfile
 from shared.synthetic import Cohort, generate_cohort
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,8 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, f
 
 
 def reference_distribution(values: np.ndarray, bins: int = 10) -> dict[str, Any]:
-    """Returns quantile bin edges and the share of values in each bin, for drift checks later."""
+    """Returns what drift checks compare against: decile edges and shares, mean and std, and the
+    reference profile (101 quantiles and the held-out counts between them) that PSI and KS read."""
     edges = np.unique(np.quantile(values, np.linspace(0, 1, bins + 1)))
     if len(edges) < 2:
         edges = np.array([values.min(), values.min() + 1e-9])
@@ -109,6 +111,7 @@ def reference_distribution(values: np.ndarray, bins: int = 10) -> dict[str, Any]
         "proportions": [round(float(c) / len(values), 9) for c in counts],
         "mean": round(float(values.mean()), 9),
         "std": round(float(values.std()), 9),
+        **ReferenceProfile.from_values(values).to_metadata(),
     }
 
 
@@ -216,6 +219,7 @@ def train_skill(spec: SkillSpec, cohort: Cohort, config: TrainingConfig) -> Trai
                 ],
                 "mean": round(float(proba.mean()), 9),
                 "std": round(float(proba.std()), 9),
+                **ReferenceProfile.from_values(proba).to_metadata(),
             },
         },
         "artifacts": {name: sha256_hex(data) for name, data in files.items()},

@@ -46,9 +46,11 @@ NIGHTLY_FIGURES = [
         "chunk_writes_ms",
         "worker_busy_share",
     )
-] + ["nightly_xgboost_import_s", "nightly_xgboost_import_bundle_s"]
+] + ["nightly_xgboost_import_s", "nightly_xgboost_import_bundle_s"] + [
+    "worker_profiles_on_students_per_s", "worker_profiles_off_students_per_s", "worker_profiles_on_over_off"
+]
 TARGETED = [f"batch_{size}_t{threads}_engine_over_raw" for size in ("small", "large") for threads in (1, 2)] + [
-    "nightly_small_cold_wall_s"
+    "nightly_small_cold_wall_s", "worker_profiles_on_over_off"
 ]
 
 

@@ -20,6 +20,8 @@ FIGURES = {
     "inproc_xgb_model_all7_p50_ms",
     "inproc_xgb_model_all7_p99_ms",
     "inproc_xgb_over_onnx_p50",
+    "inproc_unprofiled_all7_p50_ms",
+    "inproc_profiles_on_over_off_p50",
     "http_infer_p50_ms",
     "http_infer_p99_ms",
     "http_floor_p50_ms",
@@ -51,8 +53,24 @@ FIGURES = {
     "worker_uss_mb",
     "master_rss_mb",
     "loaded_worker_rss_max_mb",
+    "inproc_metrics_on_p50_ms",
+    "inproc_metrics_off_p50_ms",
+    "inproc_metrics_on_over_off_p50",
+    "metrics_record_us_per_request",
+    "metrics_record_share_of_engine_infer",
+    "http_metrics_on_p50_ms",
+    "http_metrics_off_p50_ms",
+    "http_metrics_on_over_off_p50",
 }
-TARGETS = {"inproc_onnx_all7_p50_ms", "http_ratio_p50", "load_infer_rps", "cold_start_median_s", "worker_rss_mb"}
+TARGETS = {
+    "inproc_onnx_all7_p50_ms",
+    "http_ratio_p50",
+    "load_infer_rps",
+    "cold_start_median_s",
+    "worker_rss_mb",
+    "inproc_metrics_on_over_off_p50",
+    "http_metrics_on_over_off_p50",
+}
 
 
 @pytest.mark.integration
@@ -81,3 +99,5 @@ def test_quick_benchmark_reports_every_figure() -> None:
     assert report["checks"]["xgboost_imported_after_infer"] is False
     assert report["checks"]["sklearn_imported_after_infer"] is False
     assert report["server"]["workers"] >= 1 and report["server"]["threads"] >= 1
+    # The metrics-on server wrote its metric lines (at exit at the latest); the off one none.
+    assert report["checks"]["metric_log_lines_on"] > 0 and report["checks"]["metric_log_lines_off"] == 0

@@ -19,6 +19,7 @@ from tests.openapi_contract import (
 
 ERROR_SCHEMA = "#/components/schemas/Error"
 BATCH_PATHS = ("/api/v1/skills/infer/batch", "/tasks/nightly", "/tasks/batch-worker", "/api/v1/batch/runs/{run_id}")
+DRIFT_PATHS = ("/tasks/drift-check", "/api/v1/drift/checks/{check_id}")
 
 
 def _operations() -> Iterator[tuple[str, str, dict[str, Any]]]:
@@ -68,6 +69,7 @@ def test_spec_is_openapi_3_0_3_with_info_and_paths():
         "/api/v1/skills",
         "/api/v1/skills/models",
         *BATCH_PATHS,
+        *DRIFT_PATHS,
     }
 
 

@@ -135,3 +135,24 @@ def test_relative_paths_resolve_against_the_project_not_the_working_directory(
     assert settings.artifact_store == str(PROJECT_ROOT / "var" / "a")
     assert settings.skill_catalog == PROJECT_ROOT / "models" / "catalog.json"
     assert Settings.from_env({"DATABASE_URL": "sqlite:////tmp/x.sqlite3"}).database_url == "sqlite:////tmp/x.sqlite3"
+
+
+def test_task_authentication_is_off_by_default_and_oidc_needs_its_audience_and_accounts() -> None:
+    settings = Settings.from_env({})
+    assert (settings.tasks_auth, settings.tasks_auth_audience, settings.tasks_auth_allowed_emails) == ("off", "", frozenset())
+    assert settings.tasks_auth_certs_url == "https://www.googleapis.com/oauth2/v1/certs"
+    with pytest.raises(ConfigError, match="'TASKS_AUTH_AUDIENCE' is missing, and TASKS_AUTH=oidc needs it"):
+        Settings.from_env({"TASKS_AUTH": "oidc", "TASKS_AUTH_ALLOWED_EMAILS": "a@p.iam.gserviceaccount.com"})
+    with pytest.raises(ConfigError, match="'TASKS_AUTH_ALLOWED_EMAILS' is missing"):
+        Settings.from_env({"TASKS_AUTH": "oidc", "TASKS_AUTH_AUDIENCE": "https://x.run.app"})
+    with pytest.raises(ConfigError, match="'TASKS_AUTH_ALLOWED_EMAILS' must be comma-separated email addresses"):
+        Settings.from_env({"TASKS_AUTH_ALLOWED_EMAILS": "a@p.iam.gserviceaccount.com,not-an-email"})
+    with pytest.raises(ConfigError, match="'TASKS_AUTH'"):
+        Settings.from_env({"TASKS_AUTH": "iap"})
+    with pytest.raises(ConfigError, match="'TASKS_AUTH_CERTS_URL'"):
+        Settings.from_env({"TASKS_AUTH_CERTS_URL": "ftp://certs"})
+    on = Settings.from_env(
+        {"TASKS_AUTH": "OIDC", "TASKS_AUTH_AUDIENCE": "https://x.run.app", "TASKS_AUTH_ALLOWED_EMAILS": " A@p.iam.gserviceaccount.com , b@p.iam.gserviceaccount.com"}
+    )
+    assert on.tasks_auth == "oidc"
+    assert on.tasks_auth_allowed_emails == frozenset({"a@p.iam.gserviceaccount.com", "b@p.iam.gserviceaccount.com"})

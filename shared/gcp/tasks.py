@@ -8,7 +8,7 @@ import threading
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, Sequence
 
-from shared.errors import ServiceError, StoreUnavailable
+from shared.errors import StoreUnavailable, TaskTooLarge
 from shared.tasks import TASK_NAME, Task
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ class CloudTasksQueue:
     def enqueue(self, task: Task) -> bool:
         """Creates the task; returns False if Cloud Tasks already has (or recently had) a task of that name.
 
-        Raises ValueError for a name Cloud Tasks refuses, ServiceError for a task over the size limit,
+        Raises ValueError for a name Cloud Tasks refuses, TaskTooLarge for a task over the size limit,
         StoreUnavailable if Cloud Tasks cannot be reached.
         """
         return self.enqueue_many([task]) == 1
@@ -161,7 +161,7 @@ class CloudTasksQueue:
             if size > MAX_TASK_BYTES:
                 # A 500, not PayloadTooLarge's 413: the dispatcher's caller sent a small request; it is this
                 # deployment's BATCH_CHUNK_SIZE that makes chunks too big, and no retry will change that.
-                raise ServiceError(
+                raise TaskTooLarge(
                     f"Task {task.name!r} is {size:,} bytes, over Cloud Tasks' limit of {MAX_TASK_BYTES:,}; "
                     "lower BATCH_CHUNK_SIZE so that each chunk's task fits.",
                     {"task": task.name, "bytes": size, "limit_bytes": MAX_TASK_BYTES, "setting": "BATCH_CHUNK_SIZE"},
