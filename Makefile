@@ -33,9 +33,11 @@ run: install
 test: install emulators
 	$(PY) -m pytest -q
 
-bench: install
+bench: install emulators
 	$(PY) scripts/bench_inference.py
 	$(PY) scripts/bench_batch.py
+	$(PY) scripts/bench_gcp.py
+	$(PY) scripts/bench_tasks.py
 
 clean:
 	rm -rf $(VENV) $(TASKS_EMULATOR_VENV) var models/artifacts .pytest_cache
