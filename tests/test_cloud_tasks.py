@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -27,73 +25,15 @@ from tests.emulators.cloud_tasks import (  # noqa: F401 (cloud_tasks_emulator is
     cloud_tasks_emulator,
     new_queue_path,
 )
+from tests.task_worker import DEADLINE_SECONDS, Worker, worker  # noqa: F401 (worker is a fixture)
 
 pytestmark = pytest.mark.integration
 
 SERVICE_ACCOUNT = "tasks-invoker@skills-test.iam.gserviceaccount.com"
 AUDIENCE = "https://batch-worker.example.run.app"
-DEADLINE_SECONDS = 15.0
 
 
 # -- a worker the emulator delivers to --------------------------------------------------------------
-
-
-@dataclass
-class Delivery:
-    method: str
-    path: str
-    headers: dict[str, str]  # names lowercased: HTTP header names are case-insensitive
-    body: Any
-
-
-@dataclass
-class Worker:
-    """An HTTP server on 127.0.0.1 that records each POST and answers with the next of `statuses` (the last repeats)."""
-
-    url: str
-    statuses: list[int] = field(default_factory=lambda: [200])
-    deliveries: list[Delivery] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def answer(self, delivery: Delivery) -> int:
-        with self.lock:
-            self.deliveries.append(delivery)
-            return self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
-
-    def wait_for(self, count: int) -> list[Delivery]:
-        deadline = time.monotonic() + DEADLINE_SECONDS
-        while time.monotonic() < deadline:
-            with self.lock:
-                if len(self.deliveries) >= count:
-                    return list(self.deliveries)
-            time.sleep(0.02)
-        raise AssertionError(f"{len(self.deliveries)} deliveries after {DEADLINE_SECONDS} s, expected {count}")
-
-
-@pytest.fixture
-def worker() -> Iterator[Worker]:
-    holder: dict[str, Worker] = {}
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 (the http.server API)
-            raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            headers = {name.lower(): value for name, value in self.headers.items()}
-            status = holder["worker"].answer(Delivery("POST", self.path, headers, json.loads(raw)))
-            self.send_response(status)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    holder["worker"] = Worker(f"http://127.0.0.1:{server.server_address[1]}/tasks/batch-worker")
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield holder["worker"]
-    server.shutdown()
-    server.server_close()
 
 
 def chunk_task(run_id: str, chunk: int, url: str = "http://127.0.0.1:9/tasks/batch-worker", students: int = 3) -> Task:

@@ -2,80 +2,18 @@
 
 from __future__ import annotations
 
-import json
-import threading
 import time
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 from shared.local_stack import free_port
 from shared.sqlite import SqliteDatabase
 from shared.tasks import LocalTaskQueue, Task
+from tests.task_worker import DEADLINE_SECONDS, Worker, worker  # noqa: F401 (worker is a fixture)
 
 QUEUE = "test-queue"
-DEADLINE_SECONDS = 15.0
-
-
-@dataclass
-class Delivery:
-    at: float
-    method: str
-    path: str
-    headers: dict[str, str]  # names lowercased: HTTP header names are case-insensitive
-    body: Any
-
-
-@dataclass
-class Worker:
-    """A scripted worker: answers each request with the next status of `statuses` (the last one repeats)."""
-
-    url: str
-    statuses: list[int] = field(default_factory=lambda: [200])
-    deliveries: list[Delivery] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def answer(self, delivery: Delivery) -> int:
-        with self.lock:
-            self.deliveries.append(delivery)
-            return self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
-
-    def received(self, name: str) -> list[Delivery]:
-        with self.lock:
-            return [d for d in self.deliveries if d.headers.get("x-cloudtasks-taskname") == name]
-
-
-@pytest.fixture
-def worker() -> Iterator[Worker]:
-    holder: dict[str, Worker] = {}
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 (the http.server API)
-            raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            headers = {name.lower(): value for name, value in self.headers.items()}
-            delivery = Delivery(time.monotonic(), "POST", self.path, headers, json.loads(raw))
-            status = holder["worker"].answer(delivery)
-            body = json.dumps({"status": status}).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    holder["worker"] = Worker(f"http://127.0.0.1:{server.server_address[1]}/tasks/batch-worker")
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield holder["worker"]
-    server.shutdown()
-    server.server_close()
 
 
 def make_queue(tmp_path: Path, **options: Any) -> LocalTaskQueue:
