@@ -54,11 +54,15 @@ def list_models(request: flask.Request) -> Any:
 
 @endpoint("GET")
 def healthz(request: flask.Request) -> Any:
-    """GET /healthz: 200 with the serving version per skill, 503 if any skill has no loadable model."""
-    versions, problems = get_services().engine.status()
+    """GET /healthz: 200 with the serving version per skill, 503 if any skill has no loadable model; a canary
+    that cannot be loaded is named under `canary_problems` (its share is served by production)."""
+    engine = get_services().engine
+    versions, problems = engine.status()
+    canary_problems = engine.canary_problems()
+    extra = {"canary_problems": canary_problems} if canary_problems else {}
     if problems:
-        return {"status": "unavailable", "models": versions, "problems": problems}, 503
-    return {"status": "ok", "models": versions}
+        return {"status": "unavailable", "models": versions, "problems": problems, **extra}, 503
+    return {"status": "ok", "models": versions, **extra}
 
 
 @endpoint("POST")

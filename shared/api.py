@@ -69,6 +69,8 @@ def endpoint(*methods: str, task: bool = False) -> Callable[[Handler], Callable[
     traceback and answered with a generic 500.
     """
     allowed = list(methods)
+    # HEAD is GET without the body (the server drops the body): load balancers and uptime checks send it.
+    accepted = set(allowed) | ({"HEAD"} if "GET" in allowed else set())
 
     def decorate(handler: Handler) -> Callable[[flask.Request], flask.Response]:
         @functools.wraps(handler)
@@ -81,7 +83,7 @@ def endpoint(*methods: str, task: bool = False) -> Callable[[Handler], Callable[
                     caller = get_services().task_auth.verify(request.headers.get("Authorization"))
                     if caller is not None:
                         log_fields(caller=caller)
-                if request.method not in allowed:
+                if request.method not in accepted:
                     raise MethodNotAllowed(request.method, allowed)
                 result = handler(request)
                 body, status = result if isinstance(result, tuple) else (result, 200)

@@ -15,7 +15,7 @@ import numpy as np
 from shared.assessments import Assessment
 from shared.clock import now_iso
 from shared.engine import InferenceRequest, parse_inference_request
-from shared.errors import ModelUnavailable, NotFound, ServiceError, StoreUnavailable, ValidationError
+from shared.errors import ModelUnavailable, NotFound, PayloadTooLarge, ServiceError, StoreUnavailable, ValidationError
 from shared.feature_store import ScoredMarker, StudentFeatures, is_student_id
 from shared.profiles import chunk_parts
 from shared.runs import Chunk, Run
@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
 MAX_CHUNK_STUDENTS = 10_000
+# Chunk numbers are six digits in task names; the cap also keeps a caller's integer within what the stores hold.
+MAX_CHUNK_NUMBER = 999_999
 WRITE_BATCH = 500  # Firestore's limit of writes per batch; the SQLite store takes it whole
 
 
@@ -36,15 +38,20 @@ WRITE_BATCH = 500  # Firestore's limit of writes per batch; the SQLite store tak
 def infer_batch(services: Services, body: Any) -> dict[str, Any]:
     """Scores every item of `{"items": [...]}`, one vectorized call per skill and model version.
 
-    A bad item fails only itself: its result carries its error. Raises ValidationError only for a
-    malformed envelope (not an object, no items, too many).
+    A bad item fails only itself: its result carries its error. Raises ValidationError for a malformed
+    envelope (not an object, no items), PayloadTooLarge for more than MAX_BATCH_ITEMS items.
     """
     limit = services.settings.max_batch_items
     if not isinstance(body, dict):
         raise ValidationError([{"field": "body", "problem": "must be a JSON object with an items array"}])
     items = body.get("items")
-    if not isinstance(items, list) or not 1 <= len(items) <= limit:
+    if not isinstance(items, list) or not items:
         raise ValidationError([{"field": "items", "problem": f"must be an array of 1 to {limit} infer requests"}])
+    if len(items) > limit:
+        # Too much in one request is the envelope's size, not a malformed field: the contract's 413.
+        raise PayloadTooLarge(
+            f"The batch has {len(items)} items; the limit is {limit}.", {"field": "items", "limit_items": limit}
+        )
     results: list[dict[str, Any]] = [{}] * len(items)
     parsed: list[InferenceRequest] = []
     positions: list[int] = []
@@ -185,8 +192,8 @@ def parse_chunk_request(body: Any) -> tuple[str, int, list[str]]:
     run_id, chunk, student_ids = body.get("run_id"), body.get("chunk"), body.get("student_ids")
     if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
         problems.append({"field": "run_id", "problem": "must be 1 to 100 letters, digits, '-' or '_'"})
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
-        problems.append({"field": "chunk", "problem": "must be a non-negative integer"})
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or not 0 <= chunk <= MAX_CHUNK_NUMBER:
+        problems.append({"field": "chunk", "problem": f"must be an integer from 0 to {MAX_CHUNK_NUMBER}"})
     if (
         not isinstance(student_ids, list)
         or len(student_ids) > MAX_CHUNK_STUDENTS

@@ -112,6 +112,7 @@ class InferenceEngine:
         self.profiler = profiler  # records what is scored, for drift checks
         self._deployments: dict[str, Deployment] = {}
         self._load_errors: dict[str, str] = {}
+        self._canary_errors: dict[str, str] = {}
         self._failed: dict[tuple[str, str, str], str] = {}
         self._next_check = 0.0
         self._loaded_once = False
@@ -150,6 +151,7 @@ class InferenceEngine:
         self._failed = {}  # a version that failed to load is retried at the next check
         deployments: dict[str, Deployment] = {}
         errors: dict[str, str] = {}
+        canary_errors: dict[str, str] = {}
         for spec in self.catalog:
             records = serving.get(spec.skill, [])
             production = next((r for r in records if r.stage == "production"), None)
@@ -164,9 +166,13 @@ class InferenceEngine:
                     deployments[spec.skill] = self._deployments[spec.skill]
                 continue
             canary_model = self._model(loaded, canary) if canary else None
+            if canary is not None and canary_model is None:
+                # Production keeps all traffic; the operator sees why in /healthz.
+                canary_errors[spec.skill] = self._failed[_key(canary)]
             deployments[spec.skill] = Deployment(prod_model, canary_model, canary.traffic if canary_model and canary else 0.0)
         self._deployments = deployments  # one reference swap: readers see the old or the new set, never a mix
         self._load_errors = errors
+        self._canary_errors = canary_errors
 
     def _model(self, loaded: dict[tuple[str, str, str], SkillModel], record: ModelVersion) -> SkillModel | None:
         key = _key(record)
@@ -213,6 +219,11 @@ class InferenceEngine:
         self.refresh()
         versions = {skill: d.production.version for skill, d in self._deployments.items()}
         return versions, dict(self._load_errors)
+
+    def canary_problems(self) -> dict[str, str]:
+        """Returns why each skill's canary, where one is registered, could not be loaded (production serves its share)."""
+        self.refresh()
+        return dict(self._canary_errors)
 
     # -- scoring ---------------------------------------------------------------------------------
 

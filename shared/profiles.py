@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PREDICTION = "__prediction__"  # the key of the prediction's counts, beside the features'
-MAX_BUFFERED_ROWS = 50_000  # past this, a process bins what it holds before taking more
 
 
 def utc_day(timestamp: datetime | None = None) -> str:
@@ -129,21 +128,34 @@ def chunk_parts(
     return parts
 
 
+class _RowBuffer:
+    """Rows one model version scored since the last fold, in preallocated arrays: appending a row
+    creates no Python object for the garbage collector to walk, whatever the traffic."""
+
+    def __init__(self, model: SkillModel, capacity: int) -> None:
+        self.model = model
+        self.rows = np.empty((capacity, len(model.feature_names)), dtype=np.float64)
+        self.scores = np.empty(capacity, dtype=np.float64)
+        self.size = 0
+
+
 class ServingProfiler:
     """Accumulates what this process scores online and writes its running counts in the background.
 
-    `observe` only appends to a buffer (it runs on the request path); binning and writing happen in
-    `flush`, which a daemon thread calls every `flush_seconds`, and which runs at exit too.
+    `observe` only copies the row into a preallocated buffer (it runs on the request path); binning
+    happens when a buffer fills or at a flush, and writing in `flush`, which a daemon thread calls every
+    `flush_seconds` and which runs at exit too.
     """
 
-    def __init__(self, store: Callable[[], ProfileStore], flush_seconds: float) -> None:
+    def __init__(self, store: Callable[[], ProfileStore], flush_seconds: float, buffer_rows: int = 4096) -> None:
         self._store = store
         self._flush_seconds = flush_seconds
+        self._buffer_rows = buffer_rows
         self.source = f"instance:{uuid.uuid4().hex[:16]}"
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
-        self._buffer: list[tuple[SkillModel, Sequence[float], float]] = []
-        self._totals: dict[tuple[str, str, str], tuple[SkillModel, int, dict[str, np.ndarray]]] = {}
+        self._buffers: dict[int, _RowBuffer] = {}
+        self._totals: dict[tuple[str, str, str], tuple[int, dict[str, np.ndarray]]] = {}
         self._thread: threading.Thread | None = None
         self._thread_pid = 0
         self._failing = False
@@ -151,63 +163,61 @@ class ServingProfiler:
     def observe(self, model: SkillModel, values: Sequence[float], score: float) -> None:
         """Records one scored row (raw feature values in the model's order, and its score)."""
         with self._lock:
-            self._buffer.append((model, values, score))
-            full = len(self._buffer) >= MAX_BUFFERED_ROWS
-        self._ensure_thread()
-        if full:
-            self._bin()
+            buffer = self._buffers.get(id(model))
+            if buffer is None or buffer.model is not model:
+                buffer = self._buffers[id(model)] = _RowBuffer(model, self._buffer_rows)
+            buffer.rows[buffer.size] = values
+            buffer.scores[buffer.size] = score
+            buffer.size += 1
+            if buffer.size == len(buffer.scores):
+                self._fold(buffer)  # once every buffer_rows requests: about a millisecond
+        if self._thread_pid != os.getpid():
+            self._start_thread()
 
     def observe_many(self, model: SkillModel, X: np.ndarray, scores: np.ndarray) -> None:
-        """Records a batch of scored rows."""
+        """Records a batch of scored rows (binned at once: a batch is already a matrix)."""
         with self._lock:
-            self._buffer.extend(zip([model] * len(scores), X, scores.tolist()))
-            full = len(self._buffer) >= MAX_BUFFERED_ROWS
-        self._ensure_thread()
-        if full:
-            self._bin()
+            self._add(model, utc_day(), model_profile(model).counts(X, scores), len(scores))
+        if self._thread_pid != os.getpid():
+            self._start_thread()
 
-    def _ensure_thread(self) -> None:
+    def _start_thread(self) -> None:
         # A server forks its workers after import: each worker process needs a flusher of its own.
-        if self._thread is not None and self._thread_pid == os.getpid() and self._thread.is_alive():
-            return
         with self._lock:
-            if self._thread is None or self._thread_pid != os.getpid() or not self._thread.is_alive():
-                if self._thread_pid != os.getpid():
-                    atexit.register(self.flush)  # gunicorn's workers leave through sys.exit: atexit runs
-                self._thread_pid = os.getpid()
-                self._thread = threading.Thread(target=self._run, name="serving-profile-flush", daemon=True)
-                self._thread.start()
+            if self._thread_pid == os.getpid():
+                return
+            atexit.register(self.flush)  # gunicorn's workers leave through sys.exit: atexit runs
+            self._thread_pid = os.getpid()
+            self._thread = threading.Thread(target=self._run, name="serving-profile-flush", daemon=True)
+            self._thread.start()
 
     def _run(self) -> None:
         stop = threading.Event()
         while not stop.wait(self._flush_seconds):
             self.flush()
 
-    def _bin(self) -> None:
-        with self._lock:
-            buffered, self._buffer = self._buffer, []
-        day = utc_day()
-        groups: dict[int, tuple[SkillModel, list[Sequence[float]], list[float]]] = {}
-        for model, values, score in buffered:
-            group = groups.setdefault(id(model), (model, [], []))
-            group[1].append(values)
-            group[2].append(score)
-        for model, rows, scores in groups.values():
-            counts = model_profile(model).counts(np.asarray(rows, dtype=np.float64), np.asarray(scores))
-            key = (model.skill, model.version, day)
-            with self._lock:
-                _, students, totals = self._totals.get(key, (model, 0, {}))
-                for name, binned in counts.items():
-                    totals[name] = totals[name] + binned if name in totals else binned
-                self._totals[key] = (model, students + len(scores), totals)
+    def _fold(self, buffer: _RowBuffer) -> None:
+        """Bins a buffer's rows into today's totals and empties it; the caller holds the lock."""
+        if buffer.size:
+            counts = model_profile(buffer.model).counts(buffer.rows[: buffer.size], buffer.scores[: buffer.size])
+            self._add(buffer.model, utc_day(), counts, buffer.size)
+            buffer.size = 0
+
+    def _add(self, model: SkillModel, day: str, counts: dict[str, np.ndarray], students: int) -> None:
+        key = (model.skill, model.version, day)
+        before, totals = self._totals.get(key, (0, {}))
+        for name, binned in counts.items():
+            totals[name] = totals[name] + binned if name in totals else binned
+        self._totals[key] = (before + students, totals)
 
     def flush(self) -> None:
         """Bins what is buffered and writes this process's running counts; a failure is logged, never raised."""
         with self._flush_lock:
-            self._bin()
             with self._lock:
-                snapshot = [(key, students, dict(totals)) for key, (_, students, totals) in self._totals.items()]
-                # Days before today are final: write them once more, then forget them.
+                for buffer in self._buffers.values():
+                    self._fold(buffer)
+                snapshot = [(key, students, dict(totals)) for key, (students, totals) in self._totals.items()]
+                # Days before today are final: written once more now, then forgotten.
                 today = utc_day()
                 self._totals = {k: v for k, v in self._totals.items() if k[2] >= today}
             if not snapshot:

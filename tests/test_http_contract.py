@@ -421,3 +421,48 @@ def test_deeply_nested_json_is_invalid_json_not_a_crash(server):
     assert response.status_code == 400, response.text[:300]
     assert_matches_spec("POST", INFER, response.status_code, response.json())
     assert response.json()["error"]["code"] == "invalid_json"
+
+
+# -- found by trying the service as a user and as an attacker would ---------------------------------
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/api/v1/skills", "/api/v1/skills/models"])
+def test_head_is_get_without_the_body(client, path: str) -> None:  # type: ignore[no-untyped-def]
+    get, head = client.get(path), client.head(path)
+    assert head.status_code == get.status_code == 200
+    assert head.data == b""
+    assert head.headers["Content-Type"] == get.headers["Content-Type"]
+
+
+def test_head_on_a_post_endpoint_is_still_method_not_allowed(client) -> None:  # type: ignore[no-untyped-def]
+    response = client.head("/api/v1/skills/infer")
+    assert response.status_code == 405 and response.headers["Allow"] == "POST"
+
+
+def test_a_chunk_number_past_64_bits_is_a_validation_error_not_a_500(client) -> None:  # type: ignore[no-untyped-def]
+    body = {"run_id": "00", "chunk": 295403217208167694336, "student_ids": []}
+    response = client.post("/tasks/batch-worker", json=body)
+    assert response.status_code == 400, response.get_json()
+    error = response.get_json()["error"]
+    assert error["code"] == "validation_error" and error["details"][0]["field"] == "chunk"
+    assert_matches_spec("POST", "/tasks/batch-worker", 400, response.get_json())
+
+
+def test_a_canary_that_fails_to_load_is_named_by_healthz(services, client, trained_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    from shared.artifacts import ONNX_FILE
+
+    skill = "creativity"
+    production = services.registry.serving()[skill][0]
+    # The same trained files again (force: publishing refuses identical artifacts otherwise).
+    record = publish_version(services.registry, services.artifacts, trained_dir / skill, force=True)
+    # Corrupt the canary's ONNX file in the store: its sha256 no longer matches the registry's record.
+    onnx = Path(record.artifact_uri.removeprefix("file://")) / ONNX_FILE
+    onnx.write_bytes(onnx.read_bytes() + b"corrupt")
+    services.registry.promote(skill, record.version, "canary", 0.2)
+    services.engine.refresh(force=True)
+    response = client.get("/healthz")
+    body = response.get_json()
+    assert response.status_code == 200 and body["status"] == "ok"
+    assert body["models"][skill] == production.version
+    assert record.version in body["canary_problems"][skill] and "sha256" in body["canary_problems"][skill]
+    assert_matches_spec("GET", "/healthz", 200, body)
