@@ -8,6 +8,7 @@ per core (SERVER_WORKERS), each with one thread, which measured steadiest for th
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -17,7 +18,16 @@ from shared.services import Services
 from shared.settings import PROJECT_ROOT, Settings
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Returns the parser: the script takes no options (settings come from the environment), so that
+    --help prints this help and exits instead of starting a server."""
+    return argparse.ArgumentParser(
+        prog="run_local.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    build_parser().parse_args(argv)
     settings = Settings.from_env()
     configure_logging(settings.log_level)
     services = Services(settings)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.artifacts import ARTIFACT_FILES
-from shared.publishing import publish_version
+from shared.publishing import AlreadyPublished, publish_version
 from shared.services import Services
 from shared.settings import PROJECT_ROOT, Settings
 
@@ -39,7 +39,10 @@ def ensure_demo_models(services: Services, trained_dir: Path, seed: int = 7) -> 
         for result in train_catalog(catalog, TrainingConfig(seed=seed), untrained).values():
             write_trained(result, trained_dir)
     for skill in missing:
-        record = publish_version(registry, services.artifacts, trained_dir / skill)
+        try:
+            record = publish_version(registry, services.artifacts, trained_dir / skill)
+        except AlreadyPublished as published:  # by a start that stopped before promoting it
+            record = published.existing
         registry.promote(skill, record.version, "production")
         log.info("published demo model", extra={"skill": skill, "model_version": record.version})
     return missing

@@ -185,9 +185,9 @@ def test_publish_version_picks_the_next_version(
     registry: ModelRegistry, store: LocalArtifactStore, trained_copy: Path
 ) -> None:
     assert publish_version(registry, store, trained_copy).version == "1.0.0"
-    assert publish_version(registry, store, trained_copy).version == "1.1.0"
-    assert publish_version(registry, store, trained_copy, bump="patch").version == "1.1.1"
-    assert publish_version(registry, store, trained_copy, version="3.0.0").version == "3.0.0"
+    assert publish_version(registry, store, trained_copy, force=True).version == "1.1.0"
+    assert publish_version(registry, store, trained_copy, bump="patch", force=True).version == "1.1.1"
+    assert publish_version(registry, store, trained_copy, version="3.0.0", force=True).version == "3.0.0"
     second = json.loads(store.get(registry.get(SKILL, "1.1.0").artifact_uri + METADATA_FILE))
     assert second["version"] == "1.1.0"
 

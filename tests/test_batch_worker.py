@@ -27,7 +27,7 @@ def test_a_run_whose_model_cannot_load_fails_its_chunk_on_the_last_attempt(
 ) -> None:
     ensure_demo_students(services, 20)
     ids = [s.student_id for s in services.features.scan()]
-    record = publish_version(services.registry, services.artifacts, trained_dir / "leadership")
+    record = publish_version(services.registry, services.artifacts, trained_dir / "leadership", force=True)
     services.artifacts.put(f"leadership/{record.version}/{ONNX_FILE}", b"not a model")
     services.registry.promote("leadership", record.version)
     _run(services, "broken-model", ids)
@@ -93,7 +93,7 @@ def test_a_worker_never_scores_a_run_with_an_older_version_it_still_holds(servic
     ensure_demo_students(services, 5)
     ids = [s.student_id for s in services.features.scan()]
     assert services.engine.status()[0]["leadership"] == "1.0.0"  # 1.0.0 is loaded and serving
-    record = publish_version(services.registry, services.artifacts, trained_dir / "leadership")
+    record = publish_version(services.registry, services.artifacts, trained_dir / "leadership", force=True)
     services.artifacts.put(f"leadership/{record.version}/{ONNX_FILE}", b"not a model")
     services.registry.promote("leadership", record.version)
     _run(services, "stale", ids)

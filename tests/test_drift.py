@@ -287,7 +287,7 @@ def test_a_model_published_with_schema_one_metadata_still_loads_and_is_checked(
         entry.pop("quantiles")
         entry.pop("counts")
     (folder / METADATA_FILE).write_text(json.dumps(metadata))
-    record = publish_version(services.registry, services.artifacts, folder)
+    record = publish_version(services.registry, services.artifacts, folder, force=True)
     services.registry.promote(SKILL, record.version)
     services.engine.refresh(force=True)
     model = services.engine.deployment(SKILL).production

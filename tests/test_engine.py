@@ -194,7 +194,7 @@ def test_a_tampered_artifact_is_refused_and_the_old_version_keeps_serving(
     _, requests = _students(catalog, catalog.skill(skill), seed=11, n=3)
     before = [engine.infer(r)["score"] for r in requests]
 
-    record = publish_version(services.registry, services.artifacts, trained_dir / skill)
+    record = publish_version(services.registry, services.artifacts, trained_dir / skill, force=True)
     assert record.version == "1.1.0"
     key = version_key(skill, record.version) + ONNX_FILE
     original = services.artifacts.get(services.artifacts.uri_for(key))
@@ -225,7 +225,7 @@ def test_a_version_promoted_with_a_tampered_metadata_is_refused(
 ) -> None:
     skill = "self_regulation"
     assert services.engine.status()[0][skill] == "1.0.0"  # loaded before the bad version arrives
-    record = publish_version(services.registry, services.artifacts, trained_dir / skill)
+    record = publish_version(services.registry, services.artifacts, trained_dir / skill, force=True)
     key = version_key(skill, record.version) + METADATA_FILE
     metadata = json.loads(services.artifacts.get(services.artifacts.uri_for(key)))
     metadata["feature_importance"] = metadata["feature_importance"][::-1]
@@ -321,7 +321,7 @@ def test_a_canary_serves_a_stable_share_of_students(
     services: Services, catalog: SkillCatalog, trained_dir: Path
 ) -> None:
     skill = "collaboration"
-    record = publish_version(services.registry, services.artifacts, trained_dir / skill)
+    record = publish_version(services.registry, services.artifacts, trained_dir / skill, force=True)
     services.registry.promote(skill, record.version, "canary", 0.5)
     services.engine.refresh(force=True)
     _, requests = _students(catalog, catalog.skill(skill), seed=21, n=200)

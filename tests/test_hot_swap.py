@@ -107,7 +107,7 @@ def test_publish_promote_and_rollback_under_load(
         assert len(client.snapshot()) >= 10, "the client got no answers"
 
         before_publish = len(client.snapshot())
-        record = publish_version(services.registry, services.artifacts, trained_dir / SKILL)
+        record = publish_version(services.registry, services.artifacts, trained_dir / SKILL, force=True)
         assert record.version == "1.1.0"
         services.registry.promote(SKILL, record.version)
         swapped_at = len(client.snapshot())

@@ -1,17 +1,33 @@
-"""The model registry on its SQLite backend: versions, stages, traffic, rollback and concurrent writes."""
+"""The model registry on its SQLite backend: versions, stages, traffic, rollback, history and concurrent writes.
+
+The rollout lifecycle (canaries, rollback during a canary, archive) runs on both backends in
+test_canary_lifecycle.py; this file keeps the older entry points (promote with a stage, rollback).
+"""
 
 from __future__ import annotations
 
 import itertools
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 
 import shared.registry as registry_module
 from shared.errors import Conflict, NotFound, ValidationError
-from shared.registry import ModelRegistry, ModelVersion, SqliteRegistryBackend, listing, parse_semver
+from shared.registry import (
+    CANARY_ABORT,
+    PROMOTE,
+    REGISTER,
+    ROLLBACK,
+    UNKNOWN_ACTOR,
+    Decide,
+    ModelRegistry,
+    ModelVersion,
+    SqliteRegistryBackend,
+    listing,
+    parse_semver,
+)
 from shared.sqlite import SqliteDatabase
 
 SKILL = "communication"
@@ -172,16 +188,18 @@ def test_serving_lists_production_first_even_when_the_canary_is_older(
     assert [v.version for v in registry.serving()[SKILL]] == ["1.1.0", "1.0.0"]
 
 
-def test_a_new_canary_replaces_the_old_one(registry: ModelRegistry, register: Register, ticking_clock: None) -> None:
+def test_a_second_canary_is_refused_while_one_runs(registry: ModelRegistry, register: Register, ticking_clock: None) -> None:
+    """One canary at a time: replacing it silently would end a comparison nobody decided to end."""
     for version in ("1.0.0", "1.1.0", "1.2.0"):
         register(version)
     registry.promote(SKILL, "1.0.0")
     registry.promote(SKILL, "1.1.0", "canary", 0.2)
-    registry.promote(SKILL, "1.2.0", "canary", 0.4)
+    with pytest.raises(Conflict, match="already has a canary running"):
+        registry.promote(SKILL, "1.2.0", "canary", 0.4)
     assert _stages(registry) == {
-        "1.0.0": ("production", 0.6),
-        "1.1.0": ("archived", 0.0),
-        "1.2.0": ("canary", 0.4),
+        "1.0.0": ("production", 0.8),
+        "1.1.0": ("canary", 0.2),
+        "1.2.0": ("staging", 0.0),
     }
 
 
@@ -217,18 +235,19 @@ def test_promoting_the_canary_to_production(registry: ModelRegistry, register: R
     assert [v.version for v in registry.serving()[SKILL]] == ["1.1.0"]
 
 
-def test_a_new_production_leaves_the_canary_its_share(
+def test_promoting_a_third_version_during_a_canary_is_refused(
     registry: ModelRegistry, register: Register, ticking_clock: None
 ) -> None:
     for version in ("1.0.0", "1.1.0", "1.2.0"):
         register(version)
     registry.promote(SKILL, "1.0.0")
     registry.promote(SKILL, "1.1.0", "canary", 0.3)
-    registry.promote(SKILL, "1.2.0", "production")
+    with pytest.raises(Conflict, match="has a canary running"):
+        registry.promote(SKILL, "1.2.0", "production")
     assert _stages(registry) == {
-        "1.0.0": ("archived", 0.0),
+        "1.0.0": ("production", 0.7),
         "1.1.0": ("canary", 0.3),
-        "1.2.0": ("production", 0.7),
+        "1.2.0": ("staging", 0.0),
     }
 
 
@@ -338,6 +357,53 @@ def test_rollback_without_production_is_a_conflict(registry: ModelRegistry, regi
         registry.rollback(SKILL)
 
 
+# -- history -------------------------------------------------------------------------------------
+
+
+def test_the_older_entry_points_record_their_changes_too(
+    registry: ModelRegistry, register: Register, ticking_clock: None
+) -> None:
+    register("1.0.0")
+    register("1.1.0")
+    registry.promote(SKILL, "1.0.0")
+    registry.promote(SKILL, "1.1.0", actor="alice", reason="better AUC")
+    registry.rollback(SKILL, actor="bob", reason="complaints")
+    history = registry.history(SKILL)
+    assert [(e.sequence, e.action, e.actor, e.reason) for e in history] == [
+        (1, REGISTER, UNKNOWN_ACTOR, None),
+        (2, REGISTER, UNKNOWN_ACTOR, None),
+        (3, PROMOTE, UNKNOWN_ACTOR, None),
+        (4, PROMOTE, "alice", "better AUC"),
+        (5, ROLLBACK, "bob", "complaints"),
+    ]
+    assert [t.describe() for t in history[4].changes] == ["1.0.0: archived -> production 100%", "1.1.0: production 100% -> archived"]
+    # Timestamps are the registry clock's, in commit order.
+    assert [e.at for e in history] == sorted(e.at for e in history)
+
+
+def test_withdrawing_the_canary_through_promote_is_recorded_as_an_abort(
+    registry: ModelRegistry, register: Register, ticking_clock: None
+) -> None:
+    register("1.0.0")
+    register("1.1.0")
+    registry.promote(SKILL, "1.0.0")
+    registry.promote(SKILL, "1.1.0", "canary", 0.3)
+    registry.promote(SKILL, "1.1.0", "staging")
+    assert _stages(registry) == {"1.0.0": ("production", 1.0), "1.1.0": ("staging", 0.0)}
+    last = registry.history(SKILL)[-1]
+    assert last.action == CANARY_ABORT and last.note == "the running canary was moved to staging, which aborts it"
+
+
+def test_the_history_is_kept_in_its_own_table_and_survives_a_new_handle(
+    registry: ModelRegistry, register: Register, tmp_path: Path
+) -> None:
+    register("1.0.0")
+    registry.promote(SKILL, "1.0.0", actor="alice")
+    reopened = ModelRegistry(SqliteRegistryBackend(SqliteDatabase(tmp_path / "registry.sqlite3")))
+    assert reopened.history(SKILL) == registry.history(SKILL)
+    assert [e.actor for e in reopened.history(SKILL)] == [UNKNOWN_ACTOR, "alice"]
+
+
 # -- listing -------------------------------------------------------------------------------------
 
 VERSION_KEYS = {"version", "stage", "traffic", "created_at", "trained_at", "metrics", "artifact_uri", "sha256"}
@@ -402,25 +468,29 @@ def test_concurrent_registrations_both_land(registry: ModelRegistry, register: R
 
 
 class ReadTogetherBackend:
-    """Delegates to a real backend, but holds each thread after its first read until the other thread
-    has read too (or a few seconds passed): the interleaving two operators promoting at once can hit."""
+    """Delegates to a real backend, but holds each thread inside its first update, once it has read the
+    versions, until the other thread has read too (or a moment passed): the interleaving two operators
+    promoting at once could hit. SQLite lets the second begin only once the first has committed, so
+    here the wait always times out, which is the point."""
 
     def __init__(self, inner: SqliteRegistryBackend, parties: int) -> None:
         self.inner = inner
-        self.barrier = threading.Barrier(parties, timeout=5)
+        self.barrier = threading.Barrier(parties, timeout=0.5)
         self.local = threading.local()
 
-    def list(self, skill: str | None = None) -> list[ModelVersion]:
-        versions = self.inner.list(skill)
-        if not getattr(self.local, "has_read", False):
-            self.local.has_read = True
-            try:
-                self.barrier.wait()
-            except threading.BrokenBarrierError:
-                pass  # a registry that serializes promotions never lets both threads read first
-        return versions
+    def update(self, skill: str, decide: Decide) -> None:
+        def together(stored: list[ModelVersion]) -> Any:
+            if not getattr(self.local, "has_read", False):
+                self.local.has_read = True
+                try:
+                    self.barrier.wait()
+                except threading.BrokenBarrierError:
+                    pass  # a registry that serializes promotions never lets both threads read first
+            return decide(stored)
 
-    def __getattr__(self, name: str) -> object:
+        self.inner.update(skill, together)
+
+    def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
 

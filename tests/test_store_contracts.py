@@ -37,6 +37,7 @@ from shared.local_stack import free_port
 from shared.profiles import PREDICTION, ProfilePart, ProfileStore, SqliteProfileStore, sum_parts
 from shared.ratings import SqliteTeacherRatingStore, TeacherRating, TeacherRatingStore
 from shared.registry import Decide, ModelRegistry, ModelVersion, RegistryBackend, SqliteRegistryBackend, StageChange
+from shared.registry import Decision, HistoryEvent, Transition, VersionState
 from shared.runs import Chunk, Run, RunStore, SqliteRunStore
 from shared.settings import PROJECT_ROOT
 from shared.sqlite import SqliteDatabase
@@ -522,7 +523,7 @@ def test_status_and_finished_at_once_the_last_chunk_reports(stores: Stores) -> N
     assert (failed.status, failed.students_failed) == ("failed", 2)
     assert failed.to_dict() == {
         "run_id": "all-failed", "status": "failed", "students_total": 2, "students_scored": 0,
-        "students_failed": 2, "started_at": T1, "finished_at": failed.finished_at,
+        "students_failed": 2, "tasks_total": 1, "tasks_done": 1, "started_at": T1, "finished_at": failed.finished_at,
     }
 
     time.sleep(0.01)  # a later duplicate delivery of a chunk keeps the run's first finish time
@@ -909,6 +910,115 @@ def test_an_unreachable_firestore_is_store_unavailable(monkeypatch: pytest.Monke
         lambda: FirestoreDriftCheckStore(db).save(drift_check("drift-a", T1)),
         lambda: FirestoreDriftCheckStore(db).get("drift-a"),
         FirestoreDriftCheckStore(db).latest,
+    ]
+    for call in calls:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            call()
+        assert time.monotonic() - started < 5
+
+
+# -- registry history (every backend) ----------------------------------------------------------------------
+
+
+def history_event(action: str, *moves: tuple[str, tuple[str, float] | None, tuple[str, float]], **fields: Any) -> HistoryEvent:
+    values: dict[str, Any] = dict(skill=SKILL, at=T2, action=action, actor="alice@school.example", reason=None, note=None)
+    values.update(fields)
+    changes = tuple(
+        Transition(version, VersionState(*before) if before else None, VersionState(*after)) for version, before, after in moves
+    )
+    return HistoryEvent(changes=changes, **values)
+
+
+def test_history_round_trips_every_field_numbered_from_1(stores: Stores) -> None:
+    reserved = history_event("publish.reserve", ("1.0.0", None, ("reserved", 0)), reason="nightly retrain", note="é ✓")
+    stores.registry.insert(model_version("1.0.0", stage="reserved"), reserved)
+    promoted = history_event(
+        "promote", ("1.0.0", ("reserved", 0.0), ("production", 1)), ("0.9.0", ("production", 1.0), ("archived", 0.0)), at=T3
+    )
+    stores.registry.update(SKILL, lambda stored: Decision({"1.0.0": StageChange("production", 1.0, T3, 1)}, promoted))
+
+    history = stores.registry.history(SKILL)
+    assert history == [replace(reserved, sequence=1), replace(promoted, sequence=2)]
+    assert all(isinstance(t.after.traffic, float) for e in history for t in e.changes)
+    assert stages(stores.registry) == {"1.0.0": ("production", 1.0)}
+    assert stores.registry.history("leadership") == []
+
+
+def test_an_update_without_an_event_records_nothing(stores: Stores) -> None:
+    stores.registry.insert(model_version("1.0.0"))
+    stores.registry.update(SKILL, lambda stored: {"1.0.0": StageChange("production", 1.0, T1, 1)})
+    stores.registry.update(SKILL, lambda stored: Decision({}))
+    assert stages(stores.registry) == {"1.0.0": ("production", 1.0)}
+    assert stores.registry.history(SKILL) == []
+
+
+@pytest.mark.parametrize("error", [Conflict("no"), RuntimeError("a bug in decide")])
+def test_an_update_that_raises_writes_neither_its_changes_nor_its_event(stores: Stores, error: Exception) -> None:
+    stores.registry.insert(model_version("1.0.0"), history_event("register", ("1.0.0", None, ("staging", 0.0))))
+    before = stores.registry.list(SKILL), stores.registry.history(SKILL)
+
+    def decide(stored: list[ModelVersion]) -> Decision:
+        _ = Decision({"1.0.0": StageChange("production", 1.0, T1, 1)}, history_event("promote"))
+        raise error
+
+    with pytest.raises(type(error)):
+        stores.registry.update(SKILL, decide)
+    assert (stores.registry.list(SKILL), stores.registry.history(SKILL)) == before
+
+
+def test_a_refused_insert_appends_no_event(stores: Stores) -> None:
+    stores.registry.insert(model_version("1.0.0"), history_event("register", ("1.0.0", None, ("staging", 0.0))))
+    with pytest.raises(Conflict):
+        stores.registry.insert(model_version("1.0.0", sha256="99" * 32), history_event("register", ("1.0.0", None, ("staging", 0.0)), actor="mallory"))
+    assert [(e.sequence, e.actor) for e in stores.registry.history(SKILL)] == [(1, "alice@school.example")]
+
+
+def test_concurrent_changes_of_one_skill_number_their_events_without_gaps_or_repeats(stores: Stores) -> None:
+    """Publishers inserting and an operator changing stages at once: every change that lands has its
+    event, and each number is taken once: 1..n, no gaps."""
+    stores.registry.insert(model_version("1.0.0"))
+    barrier = threading.Barrier(7, timeout=10)
+    errors: list[BaseException] = []
+
+    def insert(version: str) -> None:
+        try:
+            barrier.wait()
+            stores.registry.insert(model_version(version), history_event("publish.reserve", (version, None, ("reserved", 0.0))))
+        except BaseException as exc:  # re-raised by the test thread
+            errors.append(exc)
+
+    def promote() -> None:
+        try:
+            barrier.wait()
+            event = history_event("promote", ("1.0.0", ("staging", 0.0), ("production", 1.0)))
+            stores.registry.update(SKILL, lambda stored: Decision({"1.0.0": StageChange("production", 1.0, T1, 1)}, event))
+        except BaseException as exc:  # re-raised by the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=insert, args=(f"2.{i}.0",)) for i in range(6)] + [threading.Thread(target=promote)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert not errors, errors
+    history = stores.registry.history(SKILL)
+    assert [e.sequence for e in history] == list(range(1, 8))
+    assert sorted(e.changes[0].version for e in history) == ["1.0.0"] + [f"2.{i}.0" for i in range(6)]
+    assert len(stores.registry.list(SKILL)) == 7
+
+
+def test_registry_changes_on_an_unreachable_firestore_fail_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client opens a transaction with no deadline of its own: the registry's changes must still
+    answer StoreUnavailable within the database's deadline, not after a minute."""
+    host = f"127.0.0.1:{free_port()}"
+    monkeypatch.setenv("FIRESTORE_EMULATOR_HOST", host)
+    backend = FirestoreRegistryBackend(FirestoreDatabase("demo-skills", emulator_host=host, deadline_seconds=0.3))
+    calls: list[Callable[[], object]] = [
+        lambda: backend.update(SKILL, lambda stored: {}),
+        lambda: backend.history(SKILL),
+        lambda: backend.insert(model_version("1.0.0"), history_event("register", ("1.0.0", None, ("staging", 0.0)))),
     ]
     for call in calls:
         started = time.monotonic()

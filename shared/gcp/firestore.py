@@ -3,8 +3,9 @@
 Data layout (every document id is a hash of the record's natural key, which is also stored as fields,
 so ids are never monotonic and never hit Firestore's reserved or path characters):
 
-    model_skills/{key(skill)}                       a skill's version ids, in the order registered
+    model_skills/{key(skill)}                       a skill's version ids, in the order registered, and its history count
     model_versions/{key(skill, version)}            one registered model version
+    registry_history/{key(skill, sequence)}         one registry change of a skill (append-only)
     student_features/{key(student_id)}              a student's features and scoring marker
     skill_assessments/{assessment_id}               one run's score of one student and skill
     latest_assessments/{key(student_id, skill)}     pointer to the newest assessment of that pair
@@ -21,6 +22,7 @@ is needed; see infra/terraform/firestore-indexes.json.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import importlib
 import itertools
@@ -39,7 +41,7 @@ from shared.errors import Conflict, NotFound, ServiceError, StoreUnavailable
 from shared.feature_store import ScoredMarker, ScoringState, StudentFeatures, features_hash
 from shared.profiles import ProfilePart
 from shared.ratings import TeacherRating
-from shared.registry import Decide, ModelVersion
+from shared.registry import Decide, HistoryEvent, ModelVersion, as_decision
 from shared.runs import Chunk, Run
 
 if TYPE_CHECKING:
@@ -63,6 +65,7 @@ PAGE_SIZE = 1000
 
 VERSIONS = "model_versions"
 SKILLS = "model_skills"
+HISTORY = "registry_history"
 STUDENTS = "student_features"
 ASSESSMENTS = "skill_assessments"
 LATEST = "latest_assessments"
@@ -253,13 +256,17 @@ class FirestoreDatabase:
 
 
 class FirestoreRegistryBackend:
-    """Model versions, one document each in `model_versions`, and per skill a document in `model_skills`
-    listing its versions in the order they were registered.
+    """Model versions, one document each in `model_versions`; per skill a document in `model_skills`
+    listing its versions in the order they were registered and numbering its history; and the history,
+    one document per event in `registry_history`.
 
-    The skill's list lets a promotion read its versions by key, not by query, inside its transaction:
+    The skill's document lets a change read its versions by key, not by query, inside its transaction:
     a transaction locks what it reads, and point reads lock only this skill's documents (the emulator
-    even locks a whole database for a query in a transaction). A skill has tens of versions, changed
-    by operators now and then: no size or rate limit comes near.
+    even locks a whole database for a query in a transaction). For the same reason the history is
+    numbered by a counter in that document (`history_seq`) and each event's id is key(skill, number):
+    a change reads the counter it already locks, writes event n+1 and the counter in the same commit,
+    and reading the history is point reads of events 1..n, with no query and no index. A skill has
+    tens of versions and events, changed by operators now and then: no size or rate limit comes near.
     """
 
     def __init__(self, db: FirestoreDatabase) -> None:
@@ -271,33 +278,48 @@ class FirestoreRegistryBackend:
     def _skill_ref(self, skill: str) -> DocumentReference:
         return self.db.collection(SKILLS).document(document_key(skill))
 
-    def insert(self, version: ModelVersion) -> None:
-        """Lists the version under its skill, then creates its document with create(), which fails if
-        it exists: raises Conflict then.
+    def _event_ref(self, skill: str, sequence: int) -> DocumentReference:
+        return self.db.collection(HISTORY).document(document_key(skill, str(sequence)))
 
-        Listing first (an idempotent array union) means a version is never stored unlisted; a listed
-        version without a document (a caller that died in between, or one still creating) is skipped
-        by every read until its document exists.
+    def insert(self, version: ModelVersion, event: HistoryEvent | None = None) -> None:
+        """Lists the version under its skill, creates its document with create(), and appends `event` to
+        the skill's history, in one atomic commit; raises Conflict (writing nothing) if the version exists.
+
+        No transaction: the commit's create()s are its preconditions. The event is created as number
+        n+1 after reading the skill's counter n; if a concurrent change took n+1 first, the create fails,
+        the commit writes nothing, and the insert reads the counter again. (Two publishers of one skill
+        never wait on each other's locks, which the emulator resolves only after seconds.)
         """
         from google.api_core import exceptions as google_errors
         from google.cloud.firestore import ArrayUnion
 
-        # create() is retried after a lost answer, so the document it then finds may be its own
+        # The commit is retried after a lost answer, so the document it then finds may be its own
         # first attempt's: the token tells, where comparing records could not (two callers may
         # insert identical records, and exactly one of them may win).
         token = uuid.uuid4().hex
         ref = self._ref(version.skill, version.version)
         with _store_errors("registering a version"):
-            self._skill_ref(version.skill).set(
-                {"skill": version.skill, "versions": ArrayUnion([version.version])}, merge=True, **self.db.rpc
-            )
-            try:
-                ref.create({**_version_data(version), "insert_token": token}, **self.db.rpc)
-            except google_errors.AlreadyExists:
-                stored = ref.get(field_paths=["insert_token"], **self.db.rpc)
-                if stored.exists and stored.get("insert_token") == token:
+            for _ in range(_SEQUENCE_ATTEMPTS):
+                batch = self.db.client.batch()
+                listed: dict[str, Any] = {"skill": version.skill, "versions": ArrayUnion([version.version])}
+                if event is not None:
+                    sequence = _data(self._skill_ref(version.skill).get(field_paths=["history_seq"], **self.db.rpc))
+                    number = int(sequence.get("history_seq", 0)) + 1
+                    batch.create(self._event_ref(version.skill, number), _event_data(event, number))
+                    listed["history_seq"] = number
+                batch.set(self._skill_ref(version.skill), listed, merge=True)
+                batch.create(ref, {**_version_data(version), "insert_token": token})
+                try:
+                    batch.commit(**self.db.rpc)
                     return
-                raise Conflict(f"Skill {version.skill!r} already has version {version.version!r}.") from None
+                except google_errors.AlreadyExists:
+                    stored = ref.get(field_paths=["insert_token"], **self.db.rpc)
+                    if stored.exists and stored.get("insert_token") == token:
+                        return
+                    if stored.exists:
+                        raise Conflict(f"Skill {version.skill!r} already has version {version.version!r}.") from None
+                    # Else the event's number was taken by a concurrent change of the skill: read it again.
+            raise StoreUnavailable(f"Firestore is unavailable (registering a version): too much contention on {version.skill}.")
 
     def list(self, skill: str | None = None) -> list[ModelVersion]:
         with _store_errors("listing versions"):
@@ -311,17 +333,18 @@ class FirestoreRegistryBackend:
         return _versions_in_order([found[r.id] for r in refs if r.id in found], by_skill=skill is None)
 
     def update(self, skill: str, decide: Decide) -> None:
-        """Reads the skill's versions and writes decide's changes in one Firestore transaction; of two
-        concurrent updates one is aborted and retried on a fresh read, and if decide raises nothing is written."""
+        """Reads the skill's versions and writes decide's changes, and its history event if any, in one
+        Firestore transaction; of two concurrent updates one is aborted and retried on a fresh read, and
+        if decide raises nothing is written."""
 
         def apply(transaction: Transaction) -> None:
-            listed = _data(self._skill_ref(skill).get(transaction=transaction, **self.db.rpc)).get("versions", [])
-            refs = [self._ref(skill, v) for v in listed]
+            listing = _data(self._skill_ref(skill).get(transaction=transaction, **self.db.rpc))
+            refs = [self._ref(skill, v) for v in listing.get("versions", [])]
             found = {s.reference.id: s for s in transaction.get_all(refs, **self.db.rpc) if s.exists} if refs else {}
             stored = _versions_in_order([found[r.id] for r in refs if r.id in found], by_skill=False)
-            changes = decide(stored)
-            _check_commit_size(len(changes))
-            for version, change in changes.items():
+            decision = as_decision(decide(stored))
+            _check_commit_size(len(decision.changes) + 2)
+            for version, change in decision.changes.items():
                 transaction.update(
                     self._ref(skill, version),
                     {
@@ -331,10 +354,32 @@ class FirestoreRegistryBackend:
                         "promotion_seq": change.promotion_seq,
                     },
                 )
+            if decision.event is not None:
+                number = int(listing.get("history_seq", 0)) + 1
+                transaction.create(self._event_ref(skill, number), _event_data(decision.event, number))
+                transaction.set(self._skill_ref(skill), {"skill": skill, "history_seq": number}, merge=True)
 
         with _store_errors(f"updating the versions of {skill}"):
+            # The client opens a transaction without a deadline (an unreachable Firestore holds it for
+            # about a minute, then fails with an untranslatable ValueError): one bounded read first fails
+            # fast instead. A registry change is an operator's, now and then; the extra read is free.
+            self._skill_ref(skill).get(field_paths=["skill"], **self.db.rpc)
             self.db.run_transaction(apply)
 
+    def history(self, skill: str) -> builtins.list[HistoryEvent]:  # (`list` names a method in this class)
+        with _store_errors(f"reading the history of {skill}"):
+            count = int(_data(self._skill_ref(skill).get(field_paths=["history_seq"], **self.db.rpc)).get("history_seq", 0))
+            events: builtins.list[dict[str, Any]] = []
+            for part in _batched(range(1, count + 1), _HISTORY_READ_SIZE):
+                refs = [self._event_ref(skill, n) for n in part]
+                events.extend(_data(s) for s in self.db.client.get_all(refs, **self.db.rpc) if s.exists)
+        return [HistoryEvent.from_dict(e) for e in sorted(events, key=lambda e: e["sequence"])]
+
+
+# How often an insert re-reads the skill's history counter when concurrent changes keep taking its number.
+_SEQUENCE_ATTEMPTS = 20
+# History events read per call: a skill's whole history, a few hundred events at most, in few round trips.
+_HISTORY_READ_SIZE = 300
 
 _VERSION_FIELDS = (
     "skill", "version", "stage", "traffic", "created_at", "trained_at", "metrics", "artifact_uri", "sha256",
@@ -345,6 +390,16 @@ _VERSION_FIELDS = (
 def _version_data(version: ModelVersion) -> dict[str, Any]:
     data = {name: getattr(version, name) for name in _VERSION_FIELDS}
     data["traffic"] = float(version.traffic)
+    return data
+
+
+def _event_data(event: HistoryEvent, sequence: int) -> dict[str, Any]:
+    data = event.to_dict()
+    data["sequence"] = sequence
+    for change in data["changes"]:  # a whole number would come back as an int
+        for state in (change["before"], change["after"]):
+            if state is not None:
+                state["traffic"] = float(state["traffic"])
     return data
 
 
@@ -759,7 +814,7 @@ class FirestoreRunStore:
                 if len(page) < PAGE_SIZE:
                     return result
 
-    def record_chunk(self, run_id: str, chunk: int, scored: int, failed: Sequence[dict[str, str]]) -> Run:
+    def record_chunk(self, run_id: str, chunk: int, scored: int, failed: Sequence[dict[str, Any]]) -> Run:
         """Sets the chunk's result in its own document (replacing an earlier attempt's, keeping the
         time it first finished) and returns the run's totals; raises NotFound for an unknown run."""
         ref = self._chunks(run_id).document(f"{chunk:06d}")
