@@ -20,6 +20,7 @@ ROUTES: dict[str, Callable[[flask.Request], flask.Response]] = {
     "/tasks/nightly": main.nightly,
     "/tasks/batch-worker": main.batch_worker,
     "/tasks/drift-check": main.drift_check,
+    "/tasks/canary-check": main.canary_check,
     "/api/v1/drift/checks/<check_id>": main.drift_checks,
 }
 # Benchmarks compare every endpoint with this one: the framework's own cost for a JSON answer.

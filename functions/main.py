@@ -11,7 +11,7 @@ from typing import Any
 
 import flask
 
-from shared import batch, drift
+from shared import batch, canary, drift
 from shared.api import endpoint, log_fields, read_json
 from shared.engine import parse_inference_request
 from shared.errors import ValidationError
@@ -121,3 +121,14 @@ def drift_checks(request: flask.Request) -> Any:
     """GET /api/v1/drift/checks/{check_id}: a stored drift check; `latest` for the most recent."""
     check_id = request.path.rstrip("/").rsplit("/", 1)[-1]
     return drift.get_check(get_services(), check_id)
+
+
+@endpoint("POST", task=True)
+def canary_check(request: flask.Request) -> Any:
+    """POST /tasks/canary-check (Cloud Scheduler): compares each running canary with production; aborts one that trips a guardrail."""
+    services = get_services()
+    body = read_json(request, services.settings.max_request_bytes, allow_empty=True)
+    minutes, days, skills = canary.parse_canary_check_request(body)
+    check = canary.run_canary_check(services, window_minutes=minutes, window_days=days, skills=skills)
+    log_fields(decisions={s["skill"]: s["decision"] for s in check["skills"]})
+    return check

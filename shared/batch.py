@@ -7,14 +7,15 @@ import logging
 import math
 import re
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Sequence
+from typing import Any, Iterable, Mapping, Sequence, Union
 
 import numpy as np
 
 from shared.assessments import Assessment
 from shared.clock import now_iso
-from shared.engine import InferenceRequest, parse_inference_request
+from shared.engine import InferenceRequest, in_canary, parse_inference_request
 from shared.errors import ModelUnavailable, NotFound, PayloadTooLarge, ServiceError, StoreUnavailable, ValidationError
 from shared.feature_store import ScoredMarker, StudentFeatures, is_student_id
 from shared.profiles import chunk_parts
@@ -84,9 +85,37 @@ def _item_error(index: int, item: Any, error: ServiceError) -> dict[str, Any]:
 # -- nightly dispatcher -----------------------------------------------------------------------------
 
 
-def models_signature(versions: dict[str, str]) -> str:
-    """Returns one string naming the model version of every skill, e.g. `communication=1.0.0;...`."""
-    return ";".join(f"{skill}={versions[skill]}" for skill in sorted(versions))
+@dataclass(frozen=True)
+class RunVersions:
+    """The versions a run scores one skill with: production, and a canary taking its share of students."""
+
+    production: str
+    canary: str | None = None
+    canary_traffic: float = 0.0
+
+    def spec(self) -> str:
+        """Returns the signature's part for the skill: `1.0.0`, or with a canary `1.0.0|1.1.0@0.1`."""
+        if self.canary is None:
+            return self.production
+        return f"{self.production}|{self.canary}@{format(self.canary_traffic, '.6g')}"
+
+    @classmethod
+    def parse(cls, spec: str) -> RunVersions:
+        """Reads a spec written by `spec` (a plain version, as runs recorded before canaries were scored, too)."""
+        production, _, canary = spec.partition("|")
+        if not canary:
+            return cls(production)
+        version, _, traffic = canary.partition("@")
+        return cls(production, version, float(traffic))
+
+
+def models_signature(versions: Mapping[str, Union[str, RunVersions]]) -> str:
+    """Returns one string naming the model versions of every skill, e.g. `communication=1.0.0;leadership=1.0.0|1.1.0@0.1`
+    (a skill with a canary names production, the canary and its traffic)."""
+    def spec(value: Union[str, RunVersions]) -> str:
+        return value.spec() if isinstance(value, RunVersions) else value
+
+    return ";".join(f"{skill}={spec(versions[skill])}" for skill in sorted(versions))
 
 
 def production_versions(services: Services) -> dict[str, str]:
@@ -96,6 +125,19 @@ def production_versions(services: Services) -> dict[str, str]:
         for skill, versions in services.registry.serving().items()
         if skill in services.catalog and any(v.stage == "production" for v in versions)
     }
+
+
+def serving_versions(services: Services) -> dict[str, RunVersions]:
+    """Returns each skill's production version and running canary with its traffic, from the registry
+    (without loading any model): what a nightly run records at dispatch and scores with."""
+    result: dict[str, RunVersions] = {}
+    for skill, versions in services.registry.serving().items():
+        production = next((v for v in versions if v.stage == "production"), None)
+        if skill not in services.catalog or production is None:
+            continue
+        canary = next((v for v in versions if v.stage == "canary"), None)
+        result[skill] = RunVersions(production.version, canary.version, canary.traffic) if canary else RunVersions(production.version)
+    return result
 
 
 def parse_nightly_request(body: Any) -> tuple[bool, str | None]:
@@ -127,13 +169,14 @@ def dispatch_nightly(services: Services, full: bool = False, run_id: str | None 
     """Starts (or resumes) a run: picks the students to score, splits them into chunks, enqueues a task each.
 
     Incremental by default: a student is picked if their features changed since they were last
-    scored or a skill's production version changed. The run id defaults to the UTC date, and task
+    scored or a skill's serving versions changed (production, or a canary's version or traffic). The run
+    records them; each student is scored by the version its stable bucket picks, as online. The run id defaults to the UTC date, and task
     names derive from it, so firing twice for one run enqueues nothing new.
     """
     run_id = run_id or "nightly-" + datetime.now(timezone.utc).strftime("%Y%m%d")
     runs = services.runs
     if runs.get(run_id) is None:
-        versions = production_versions(services)
+        versions = serving_versions(services)
         if not versions:
             raise ModelUnavailable("No skill has a version in production; there is nothing to score with.")
         signature = models_signature(versions)
@@ -173,12 +216,43 @@ def dispatch_nightly(services: Services, full: bool = False, run_id: str | None 
     return {"run_id": run_id, "students": students_total, "tasks": len(chunks)}
 
 
+FAILED_SAMPLES = 20
+
+
+def failure_counts(failures: Iterable[Mapping[str, str]]) -> dict[str, int]:
+    """Returns how many (student, skill) failures each skill has."""
+    counts: dict[str, int] = {}
+    for skills in failures:
+        for skill in skills:
+            counts[skill] = counts.get(skill, 0) + 1
+    return counts
+
+
+def failure_summary(chunks: Iterable[Chunk]) -> dict[str, Any]:
+    """Returns a run's failures by skill and reason, and the first few (student, skill, reason), by id only."""
+    by_skill: dict[str, dict[str, int]] = {}
+    first: list[dict[str, str]] = []
+    for chunk in chunks:
+        for entry in chunk.failed:
+            # entries recorded before failures were per skill carry one reason for the whole student
+            skills = entry.get("skills") or {"*": entry["reason"]}
+            for skill, reason in skills.items():
+                reasons = by_skill.setdefault(skill, {})
+                reasons[reason] = reasons.get(reason, 0) + 1
+                if len(first) < FAILED_SAMPLES:
+                    first.append({"student_id": entry["student_id"], "skill": skill, "reason": reason})
+    return {"by_skill": by_skill, "first": first}
+
+
 def run_status(services: Services, run_id: str) -> dict[str, Any]:
-    """Returns a run's progress; raises NotFound."""
+    """Returns a run's progress, and once it has failures, their summary; raises NotFound."""
     run = services.runs.get(run_id) if RUN_ID.fullmatch(run_id) else None
     if run is None:
         raise NotFound(f"No batch run {run_id!r}.")
-    return run.to_dict()
+    status = run.to_dict()
+    if run.students_failed:
+        status["failures"] = failure_summary(services.runs.chunks(run_id))
+    return status
 
 
 # -- chunk worker -----------------------------------------------------------------------------------
@@ -207,11 +281,13 @@ def parse_chunk_request(body: Any) -> tuple[str, int, list[str]]:
     return run_id, chunk, student_ids  # type: ignore[return-value]
 
 
-def feature_matrix(students: Sequence[StudentFeatures], names: Sequence[str]) -> tuple[np.ndarray, dict[int, str]]:
-    """Returns one row per student over the named features (NaN where missing) and the rows holding a
-    stored value that is not a number, with the reason."""
+def feature_matrix(
+    students: Sequence[StudentFeatures], names: Sequence[str]
+) -> tuple[np.ndarray, dict[int, dict[str, str]]]:
+    """Returns one row per student over the named features (NaN where missing), and per row the stored
+    values that are not numbers (feature -> reason): only the skills that read such a feature fail."""
     X = np.full((len(students), len(names)), np.nan)
-    bad: dict[int, str] = {}
+    bad: dict[int, dict[str, str]] = {}
     for i, student in enumerate(students):
         stored = student.features
         row = X[i]
@@ -222,7 +298,7 @@ def feature_matrix(students: Sequence[StudentFeatures], names: Sequence[str]) ->
             if type(value) is float or type(value) is int:
                 row[j] = value
             else:
-                bad.setdefault(i, f"features.{name}: stored value is not a number")
+                bad.setdefault(i, {})[name] = f"features.{name}: stored value is not a number"
     return X, bad
 
 
@@ -251,38 +327,74 @@ def score_chunk(
             message = exc.message if isinstance(exc, ServiceError) else type(exc).__name__
             reason = f"chunk failed after {attempt + 1} attempts: {message}"
             try:
-                services.runs.record_chunk(run_id, chunk, 0, [{"student_id": s, "reason": reason} for s in student_ids])
+                skills = dict.fromkeys(parse_models_signature(run.models), reason)
+                services.runs.record_chunk(
+                    run_id, chunk, 0, [{"student_id": s, "reason": reason, "skills": skills} for s in student_ids]
+                )
             except ServiceError:
                 log.error("could not record a failed chunk", extra={"run_id": run_id, "chunk": chunk})
         raise
 
 
 def parse_models_signature(signature: str) -> dict[str, str]:
-    """Returns {skill: version} from a models_signature string."""
+    """Returns {skill: spec} from a models_signature string (a spec is a version, or `prod|canary@traffic`)."""
     return dict(part.split("=", 1) for part in signature.split(";") if "=" in part)
 
 
-def _run_models(services: Services, signature: str) -> list[SkillModel]:
-    """Returns the loaded models of the versions the run scores with; raises ModelUnavailable if this
-    process cannot serve exactly those (after one forced registry check)."""
-    wanted = parse_models_signature(signature)
+def parse_run_versions(signature: str) -> dict[str, RunVersions]:
+    """Returns {skill: RunVersions} from a models_signature string."""
+    return {skill: RunVersions.parse(spec) for skill, spec in parse_models_signature(signature).items()}
 
-    def loaded() -> list[SkillModel]:
-        return [services.engine.deployment(skill).production for skill in wanted]
+
+@dataclass(frozen=True)
+class _SkillModels:
+    """A skill's loaded models for a run: production, and the canary with the traffic recorded at dispatch."""
+
+    production: SkillModel
+    canary: SkillModel | None
+    canary_traffic: float
+
+    def served(self) -> RunVersions:
+        return RunVersions(self.production.version, self.canary.version if self.canary else None, self.canary_traffic)
+
+    def split(self, student_ids: Sequence[str]) -> list[tuple[SkillModel, np.ndarray]]:
+        """Returns each model with the indices of the students it scores, by the students' stable buckets."""
+        if self.canary is None:
+            return [(self.production, np.arange(len(student_ids)))]
+        canary = np.fromiter((in_canary(s, self.canary_traffic) for s in student_ids), dtype=bool, count=len(student_ids))
+        return [(self.production, np.flatnonzero(~canary)), (self.canary, np.flatnonzero(canary))]
+
+    def models(self) -> list[SkillModel]:
+        return [self.production] + ([self.canary] if self.canary else [])
+
+
+def _run_models(services: Services, signature: str) -> list[_SkillModels]:
+    """Returns the loaded models of the versions the run scores with (production, and a canary where the run
+    recorded one); raises ModelUnavailable if this process cannot serve exactly those (after one forced
+    registry check)."""
+    wanted = parse_run_versions(signature)
+
+    def loaded() -> list[_SkillModels]:
+        found = []
+        for skill, versions in wanted.items():
+            deployment = services.engine.deployment(skill)
+            canary = deployment.canary if versions.canary is not None else None
+            found.append(_SkillModels(deployment.production, canary, versions.canary_traffic if canary else 0.0))
+        return found
 
     try:
         models = loaded()
     except ModelUnavailable:
         models = []
-    if [m.version for m in models] != list(wanted.values()):
+    if [m.served() for m in models] != list(wanted.values()):
         # The run names the versions it scores with; this process may not have seen them yet.
         services.engine.refresh(force=True)
         models = loaded()
-    if [m.version for m in models] != list(wanted.values()):
-        served = {m.skill: m.version for m in models}
+    if [m.served() for m in models] != list(wanted.values()):
+        served = {m.production.skill: m.served() for m in models}
         raise ModelUnavailable(
             f"This process cannot load the run's model versions ({signature}); it serves {models_signature(served)}.",
-            {"run_models": wanted, "loaded_models": served},
+            {"run_models": parse_models_signature(signature), "loaded_models": {k: v.spec() for k, v in served.items()}},
         )
     return models
 
@@ -294,40 +406,55 @@ def _score_chunk(
     student_ids: Sequence[str],
     attempt: int,
     started: float,
-    models: list[SkillModel],
+    skill_models: list[_SkillModels],
 ) -> dict[str, int]:
+    models = [m for skill in skill_models for m in skill.models()]
     stored = services.features.get_many(student_ids)
-    failed: dict[str, str] = {}
+    # The unit of failure is one student on one skill: student -> {skill: reason}.
+    failed: dict[str, dict[str, str]] = {}
     students: list[StudentFeatures] = []
     for student_id in dict.fromkeys(student_ids):
         if student_id in stored:
             students.append(stored[student_id])
         else:
-            failed[student_id] = "no features are stored for this student"
+            failed[student_id] = {m.skill: "no features are stored for this student" for m in models}
 
     names = sorted({name for model in models for name in model.feature_names})
     column = {name: j for j, name in enumerate(names)}
-    X_all, bad_rows = feature_matrix(students, names)
-    for row, reason in bad_rows.items():
-        failed.setdefault(students[row].student_id, reason)
+    X_all, bad_cells = feature_matrix(students, names)
 
     assessed_at = now_iso()
     profiled: list[tuple[SkillModel, np.ndarray, np.ndarray, np.ndarray]] = []
     assessments: list[Assessment] = []
-    versions: dict[str, str] = {}
+    versions: dict[str, RunVersions] = {}
     keep_contributions = services.settings.store_contributions
-    for model in models:
-        versions[model.skill] = model.version
-        X = X_all[:, [column[name] for name in model.feature_names]]
-        filled, valid, problems = model.schema.prepare_matrix(X)
-        for row in bad_rows:
-            valid[row] = False
-        for row, problem in problems.items():
-            failed.setdefault(students[row].student_id, f"{model.skill}: {problem}")
-        rows = np.flatnonzero(valid)
-        if rows.size == 0:
+    # Each student is scored by the version its stable bucket picks, the same function online inference uses.
+    units = [unit for skill in skill_models for unit in skill.split([s.student_id for s in students])]
+    for skill in skill_models:
+        versions[skill.production.skill] = skill.served()
+    for model, subset in units:
+        if subset.size == 0:
             continue
-        scoring = filled if rows.size == len(filled) else filled[rows]
+        X = X_all[np.ix_(subset, np.array([column[name] for name in model.feature_names], dtype=np.intp))]
+        filled, valid, local_problems = model.schema.prepare_matrix(X)
+        # Rows below are the students' positions in the chunk; `local` ones index the subset.
+        problems = {int(subset[row]): problem for row, problem in local_problems.items()}
+        reads = set(model.feature_names)
+        position = {int(row): k for k, row in enumerate(subset)}
+        for row, cells in bad_cells.items():
+            if row not in position:
+                continue
+            hit = [reason for name, reason in cells.items() if name in reads]
+            if hit:
+                valid[position[row]] = False
+                problems.setdefault(row, hit[0])
+        for row, problem in problems.items():
+            failed.setdefault(students[row].student_id, {})[model.skill] = problem
+        local_rows = np.flatnonzero(valid)
+        if local_rows.size == 0:
+            continue
+        rows = subset[local_rows]
+        scoring = filled if local_rows.size == len(filled) else filled[local_rows]
         scores = model.probabilities_booster(scoring)
         profiled.append((model, rows, scoring, scores))
         confidences = confidence_from_probability(scores)
@@ -344,11 +471,9 @@ def _score_chunk(
                     model_version=model.version,
                     features_hash=student.features_hash,
                     assessed_at=assessed_at,
-                    contributions=model.top_contributions(filled[row], contributions[k]) if contributions is not None else None,
+                    contributions=model.top_contributions(scoring[k], contributions[k]) if contributions is not None else None,
                 )
             )
-    # A failed student gets no assessment from this run; the next run picks them up again.
-    assessments = [a for a in assessments if a.student_id not in failed]
     scoring_seconds = time.perf_counter() - started
 
     if chunk in services.settings.chaos_fail_chunks and attempt == 0:
@@ -366,18 +491,20 @@ def _score_chunk(
                 chunk,
                 assessed_at[:10],
                 [
-                    (model, scoring[keep], scores[keep])
-                    for model, rows, scoring, scores in profiled
-                    for keep in [np.array([students[row].student_id not in failed for row in rows.tolist()], dtype=bool)]
+                    (model, scoring, scores) for model, rows, scoring, scores in profiled
                 ],
             )
         )
-    services.features.mark_scored(
-        [ScoredMarker(s.student_id, s.features_hash, signature) for s in students if s.student_id not in failed]
-    )
-    scored = sum(1 for s in students if s.student_id not in failed)
+    # Every stored student is marked, failures included: what failed here failed on the stored features,
+    # so the student is picked again when those change (or a model does), not every night.
+    services.features.mark_scored([ScoredMarker(s.student_id, s.features_hash, signature) for s in students])
+    assessed = {a.student_id for a in assessments}
+    scored = len(assessed)
     run = services.runs.record_chunk(
-        run_id, chunk, scored, [{"student_id": sid, "reason": reason} for sid, reason in failed.items()]
+        run_id,
+        chunk,
+        scored,
+        [{"student_id": sid, "reason": next(iter(skills.values())), "skills": skills} for sid, skills in failed.items()],
     )
     seconds = time.perf_counter() - started
     services.metrics.observe_batch_chunk(len(student_ids), seconds)
@@ -390,6 +517,7 @@ def _score_chunk(
             "students": len(student_ids),
             "scored": scored,
             "failed": len(failed),
+            "failures_by_skill": failure_counts(failed.values()),
             "assessments": len(assessments),
             "scoring_ms": round(scoring_seconds * 1000, 1),
             "processing_ms": round(seconds * 1000, 1),

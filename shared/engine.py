@@ -62,6 +62,18 @@ def parse_inference_request(body: Any, catalog: SkillCatalog) -> InferenceReques
     return InferenceRequest(student_id, str(skill), features, explain)  # type: ignore[arg-type]
 
 
+BUCKETS = 10_000
+
+
+def in_canary(student_id: str, canary_traffic: float) -> bool:
+    """Returns whether a student falls in a canary's share of `canary_traffic` (0 to 1).
+
+    A student's bucket (crc32 of the id, of BUCKETS) is stable, so the same student gets the same
+    version on every path that asks here: single and batch inference, and the nightly run.
+    """
+    return zlib.crc32(student_id.encode()) % BUCKETS < canary_traffic * BUCKETS
+
+
 @dataclass(frozen=True)
 class Deployment:
     """The models serving one skill: production, and optionally a canary taking a share of students."""
@@ -71,8 +83,7 @@ class Deployment:
     canary_traffic: float = 0.0
 
     def model_for(self, student_id: str) -> SkillModel:
-        # A student's bucket is stable, so the same student keeps getting the same version.
-        if self.canary is not None and zlib.crc32(student_id.encode()) % 10_000 < self.canary_traffic * 10_000:
+        if self.canary is not None and in_canary(student_id, self.canary_traffic):
             return self.canary
         return self.production
 

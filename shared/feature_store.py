@@ -206,6 +206,7 @@ class LoadReport:
     changed: int = 0
     bad_rows: list[dict[str, Any]] = field(default_factory=list)
     unknown_columns: list[str] = field(default_factory=list)
+    incomplete: list[dict[str, Any]] = field(default_factory=list)  # students a skill would fail on
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -215,6 +216,7 @@ class LoadReport:
             "rejected": len(self.bad_rows),
             "bad_rows": self.bad_rows,
             "unknown_columns": self.unknown_columns,
+            "incomplete": len(self.incomplete),
         }
 
 
@@ -285,18 +287,42 @@ def read_rows(path: Path, flatten_features: bool = True) -> Iterator[tuple[int, 
 
 
 def load_feature_file(
-    store: FeatureStore, catalog: SkillCatalog, path: Path, batch_size: int = 1000
+    store: FeatureStore, catalog: SkillCatalog, path: Path, batch_size: int = 1000, strict: bool = False
 ) -> LoadReport:
     """Loads a CSV or JSON Lines file of `student_id` plus feature values into the store.
 
     JSON Lines rows are `{"student_id", "features": {...}}` or flat objects; other keys (such as
     teacher ratings) are not features and are left alone. A bad row is reported with its line number
-    and skipped; the rest load.
+    and skipped; the rest load. A student whose stored and loaded features together still lack a
+    feature some skill requires is reported under `incomplete` (that skill would fail at night);
+    with strict=True the student's rows are refused instead.
     """
     known = {f.name: f for skill in catalog for f in skill.features}
+    required = {spec.skill: [f.name for f in spec.features if f.required] for spec in catalog}
     report = LoadReport()
     pending: dict[str, dict[str, float]] = {}
+    last_line: dict[str, int] = {}
     unknown: set[str] = set()
+
+    def flush() -> None:
+        stored = store.get_many(list(pending))
+        for student_id, values in list(pending.items()):
+            have = {**(stored[student_id].features if student_id in stored else {}), **values}
+            missing = {skill: names for skill, names in ((s, [n for n in r if n not in have]) for s, r in required.items()) if names}
+            if not missing:
+                continue
+            entry = {"line": last_line[student_id], "student_id": student_id, "missing": missing}
+            if strict:
+                del pending[student_id]
+                report.accepted -= 1
+                report.bad_rows.append(
+                    {**entry, "problems": [f"{skill}: required {', '.join(names)} missing" for skill, names in missing.items()]}
+                )
+            else:
+                report.incomplete.append(entry)
+        report.changed += store.upsert(pending)
+        pending.clear()
+
     for line, row, problem in read_rows(Path(path)):
         report.rows += 1
         if row is None:
@@ -316,12 +342,12 @@ def load_feature_file(
             report.bad_rows.append({"line": line, "student_id": student_id, "problems": problems})
             continue
         pending.setdefault(student_id, {}).update(values)
+        last_line[student_id] = line
         report.accepted += 1
         if len(pending) >= batch_size:
-            report.changed += store.upsert(pending)
-            pending = {}
+            flush()
     if pending:
-        report.changed += store.upsert(pending)
+        flush()
     report.unknown_columns = sorted(unknown)
     return report
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import math
 import os
@@ -18,6 +19,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, Union
 
 from shared.errors import ConfigError
 from shared.settings import Settings
+from shared.sqlite import SqliteDatabase, open_database, sqlite_path
 
 log = logging.getLogger("skills.metrics")
 
@@ -249,6 +251,132 @@ def _iso(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+# -- the local queryable store ------------------------------------------------------------------------
+
+_POINTS_DDL = """
+CREATE TABLE IF NOT EXISTS metric_points (
+    metric TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    resource TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    unit TEXT NOT NULL,
+    start_time REAL NOT NULL,
+    end_time REAL NOT NULL,
+    value TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS metric_points_by_time ON metric_points (metric, end_time)
+"""
+
+# Points older than this are deleted as new ones are written: the local store answers checks over recent
+# windows, it is not an archive.
+LOCAL_RETENTION_SECONDS = 35 * 86_400
+
+
+class SqliteMetricsStore:
+    """Keeps every written point in the embedded SQLite database and reads series back: the local
+    MetricsWriter and MetricsReader, so checks that judge versions by their metrics work without Google."""
+
+    def __init__(self, db: SqliteDatabase, retention_seconds: float = LOCAL_RETENTION_SECONDS) -> None:
+        self.db = db
+        self.retention_seconds = retention_seconds
+        db.ensure_schema("metric_points", _POINTS_DDL)
+
+    def write(self, series: Sequence[MetricSeries]) -> None:
+        if not series:
+            return
+        rows = [
+            (
+                s.metric, json.dumps(dict(sorted(s.labels.items()))),
+                json.dumps({"type": s.resource.type, "labels": dict(sorted(s.resource.labels.items()))}),
+                s.kind, s.unit, s.start_time, s.end_time, json.dumps(_stored_value(s.value)),
+            )
+            for s in series
+        ]
+        newest = max(s.end_time for s in series)
+        with self.db.transaction() as conn:
+            conn.executemany("INSERT INTO metric_points VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            conn.execute("DELETE FROM metric_points WHERE end_time < ?", (newest - self.retention_seconds,))
+
+    def list_time_series(
+        self,
+        metric: str,
+        start_time: float,
+        end_time: float,
+        labels: Mapping[str, str] | None = None,
+        resource_labels: Mapping[str, str] | None = None,
+    ) -> list[TimeSeriesData]:
+        """Returns every series of `metric` whose labels match, with its points whose end time lies in
+        [start_time, end_time], newest first (as CloudMonitoringWriter.list_time_series does)."""
+        rows = self.db.query(
+            "SELECT * FROM metric_points WHERE metric = ? AND end_time >= ? AND end_time <= ? ORDER BY end_time DESC",
+            (metric, start_time, end_time),
+        )
+        found: dict[tuple[str, str], TimeSeriesData] = {}
+        for row in rows:
+            series_labels = json.loads(row["labels"])
+            resource = json.loads(row["resource"])
+            if any(series_labels.get(k) != v for k, v in (labels or {}).items()):
+                continue
+            if any(resource["labels"].get(k) != v for k, v in (resource_labels or {}).items()):
+                continue
+            point = (float(row["start_time"]), float(row["end_time"]), _read_value(json.loads(row["value"])))
+            key = (row["labels"], row["resource"])
+            if key in found:
+                previous = found[key]
+                found[key] = TimeSeriesData(previous.metric, previous.labels, previous.resource, previous.kind, previous.points + (point,))
+            else:
+                found[key] = TimeSeriesData(
+                    metric, series_labels, MonitoredResource(resource["type"], resource["labels"]), row["kind"], (point,)
+                )
+        return list(found.values())
+
+
+class FanOutMetricsWriter:
+    """Writes each flush to several writers in turn (the log lines, and the local store); raises the first failure."""
+
+    def __init__(self, writers: Sequence[MetricsWriter]) -> None:
+        self.writers = list(writers)
+
+    def write(self, series: Sequence[MetricSeries]) -> None:
+        for writer in self.writers:
+            writer.write(series)
+
+
+def _stored_value(value: MetricValue) -> Any:
+    if not isinstance(value, Distribution):
+        return value
+    buckets = value.buckets
+    if isinstance(buckets, ExponentialBuckets):
+        options: dict[str, Any] = {"exponential": [buckets.num_finite_buckets, buckets.growth_factor, buckets.scale]}
+    elif isinstance(buckets, LinearBuckets):
+        options = {"linear": [buckets.num_finite_buckets, buckets.width, buckets.offset]}
+    else:
+        options = {"explicit": list(buckets.boundaries)}
+    return {
+        "buckets": options, "bucket_counts": list(value.bucket_counts), "count": value.count, "mean": value.mean,
+        "sum_of_squared_deviation": value.sum_of_squared_deviation,
+    }
+
+
+def _read_value(stored: Any) -> MetricValue:
+    if not isinstance(stored, dict):
+        return stored
+    options = stored["buckets"]
+    buckets: BucketOptions
+    if "exponential" in options:
+        n, growth, scale = options["exponential"]
+        buckets = ExponentialBuckets(int(n), float(growth), float(scale))
+    elif "linear" in options:
+        n, width, offset = options["linear"]
+        buckets = LinearBuckets(int(n), float(width), float(offset))
+    else:
+        buckets = ExplicitBuckets(tuple(options["explicit"]))
+    return Distribution(
+        buckets, tuple(int(c) for c in stored["bucket_counts"]), int(stored["count"]), float(stored["mean"]),
+        float(stored["sum_of_squared_deviation"]),
+    )
+
+
 # -- the recorder -------------------------------------------------------------------------------------
 
 
@@ -261,7 +389,8 @@ class _Spec:
 
 
 _LATENCY = _Spec(REQUEST_LATENCY, "CUMULATIVE", "ms", ("function", "skill", "model_version"))
-_REQUESTS = _Spec(REQUEST_COUNT, "CUMULATIVE", "1", ("function", "status"))
+# skill and model_version make a version's error rate readable (its 5xx over all its requests), as a canary check needs.
+_REQUESTS = _Spec(REQUEST_COUNT, "CUMULATIVE", "1", ("function", "status", "skill", "model_version"))
 _ERRORS = _Spec(ERROR_COUNT, "CUMULATIVE", "1", ("function", "error_code"))
 _SCORES = _Spec(SCORE, "CUMULATIVE", "1", ("skill", "model_version"))
 _BATCH_STUDENTS = _Spec(BATCH_STUDENTS, "CUMULATIVE", "1", ())
@@ -333,7 +462,7 @@ class MetricsRecorder:
         self._started = False
         self.started_at = self._clock()
         self._latency: dict[tuple[str, str, str], _Histogram] = {}
-        self._requests: dict[tuple[str, int], _Number] = {}
+        self._requests: dict[tuple[str, int, str, str], _Number] = {}
         self._errors: dict[tuple[str, str], _Number] = {}
         self._scores: dict[tuple[str, str], _Histogram] = {}
         self._batch_students: dict[tuple[()], _Number] = {}
@@ -373,7 +502,8 @@ class MetricsRecorder:
                 histogram.total += milliseconds
                 histogram.squares += milliseconds * milliseconds
                 histogram.changed = True
-            counter = self._requests.get((function, status)) or self._new_number(self._requests, (function, status))
+            counted = (function, status, key[1], key[2])
+            counter = self._requests.get(counted) or self._new_number(self._requests, counted)
             if counter is not None:
                 counter.number += 1
                 counter.changed = True
@@ -698,15 +828,36 @@ def instance_resource(settings: Settings, project_id: str) -> MonitoredResource:
     )
 
 
+def local_metrics_store(settings: Settings) -> SqliteMetricsStore | None:
+    """Returns the local store METRICS=log also keeps points in: the SQLite database of DATABASE_URL
+    (None when DATABASE_URL names Firestore: a deployment reads its metrics from Cloud Monitoring)."""
+    path = sqlite_path(settings.database_url)
+    return SqliteMetricsStore(open_database(path)) if path is not None else None
+
+
+def open_metrics_reader(settings: Settings) -> MetricsReader | None:
+    """Returns where the metrics METRICS writes can be read back: Cloud Monitoring for `monitoring://PROJECT`,
+    the local SQLite store for `log` on a SQLite database; None when nothing can be read (`off`)."""
+    if settings.metrics.startswith("monitoring://"):
+        from shared.gcp.monitoring import CloudMonitoringWriter
+
+        return CloudMonitoringWriter(settings.metrics.removeprefix("monitoring://"), emulator_host=settings.monitoring_emulator_host)
+    if settings.metrics == "log":
+        return local_metrics_store(settings)
+    return None
+
+
 def open_metrics(settings: Settings) -> MetricsRecorder:
-    """Returns the recorder METRICS asks for: `log`, `off`, or `monitoring://PROJECT` (Cloud Monitoring).
+    """Returns the recorder METRICS asks for: `log` (log lines, and on a SQLite database also its
+    `metric_points` table, which open_metrics_reader reads), `off`, or `monitoring://PROJECT` (Cloud Monitoring).
 
     Raises ConfigError for any other value.
     """
     if settings.metrics == "off":
         return MetricsRecorder(None, MonitoredResource("generic_task", {}))
     if settings.metrics == "log":
-        writer: MetricsWriter = LogMetricsWriter()
+        store = local_metrics_store(settings)
+        writer: MetricsWriter = LogMetricsWriter() if store is None else FanOutMetricsWriter([LogMetricsWriter(), store])
         project = "local"
     elif settings.metrics.startswith("monitoring://"):
         from shared.gcp.monitoring import CloudMonitoringWriter

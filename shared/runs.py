@@ -20,7 +20,8 @@ class Chunk:
     student_ids: list[str]
     done: bool = False
     scored: int = 0
-    failed: list[dict[str, str]] = field(default_factory=list)  # [{"student_id", "reason"}]
+    # [{"student_id", "reason", "skills": {skill: reason}}]: a student with at least one skill failed
+    failed: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,9 @@ class Run:
 
     @property
     def status(self) -> str:
-        """running until every chunk reported; then succeeded, partial (some students failed) or failed (none scored)."""
+        """running until every chunk reported; then succeeded, partial (some students failed on some skill)
+        or failed (none scored). students_scored counts students with at least one assessment,
+        students_failed those with at least one failed skill: a student can be in both."""
         if self.tasks_done < self.tasks_total:
             return "running"
         if self.students_failed == 0:
@@ -52,6 +55,8 @@ class Run:
             "students_total": self.students_total,
             "students_scored": self.students_scored,
             "students_failed": self.students_failed,
+            "tasks_total": self.tasks_total,
+            "tasks_done": self.tasks_done,
             "started_at": self.started_at,
             "finished_at": self.finished_at,
         }
@@ -70,7 +75,7 @@ class RunStore(Protocol):
     def chunks(self, run_id: str) -> list[Chunk]:
         ...
 
-    def record_chunk(self, run_id: str, chunk: int, scored: int, failed: Sequence[dict[str, str]]) -> Run:
+    def record_chunk(self, run_id: str, chunk: int, scored: int, failed: Sequence[dict[str, Any]]) -> Run:
         """Sets a chunk's result (replacing an earlier attempt's) and returns the run's updated totals."""
         ...
 
@@ -150,7 +155,7 @@ class SqliteRunStore:
             for r in rows
         ]
 
-    def record_chunk(self, run_id: str, chunk: int, scored: int, failed: Sequence[dict[str, str]]) -> Run:
+    def record_chunk(self, run_id: str, chunk: int, scored: int, failed: Sequence[dict[str, Any]]) -> Run:
         with self.db.transaction() as conn:
             conn.execute(
                 "UPDATE batch_run_chunks SET done = 1, scored = ?, failed = ? WHERE run_id = ? AND chunk = ?",

@@ -72,6 +72,14 @@ class Settings:
     drift_min_students: int
     drift_min_rated: int
     drift_min_teacher_r: float
+    operator: str
+    canary_max_error_ratio: float
+    canary_max_p99_ratio: float
+    canary_max_psi: float
+    canary_alpha: float
+    canary_min_requests: int
+    canary_min_students: int
+    canary_min_rated: int
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -139,6 +147,16 @@ class Settings:
             drift_min_students=reader.number("DRIFT_MIN_STUDENTS", 100, int, minimum=1),
             drift_min_rated=reader.number("DRIFT_MIN_RATED", 30, int, minimum=4),
             drift_min_teacher_r=reader.number("DRIFT_MIN_TEACHER_R", 0.5, float, minimum=-1.0, maximum=1.0),
+            # Who skillctl records as the author of a registry change (its --actor default); empty: the OS user.
+            operator=reader.text("OPERATOR", ""),
+            # Canary guardrails: a check that finds one tripped aborts the canary.
+            canary_max_error_ratio=reader.number("CANARY_MAX_ERROR_RATIO", 2.0, float, minimum=1.0),
+            canary_max_p99_ratio=reader.number("CANARY_MAX_P99_RATIO", 1.5, float, minimum=1.0),
+            canary_max_psi=reader.number("CANARY_MAX_PSI", 0.25, float, minimum=0.0),
+            canary_alpha=reader.number("CANARY_ALPHA", 0.05, float, minimum=0.0, maximum=0.5),
+            canary_min_requests=reader.number("CANARY_MIN_REQUESTS", 100, int, minimum=1),
+            canary_min_students=reader.number("CANARY_MIN_STUDENTS", 100, int, minimum=1),
+            canary_min_rated=reader.number("CANARY_MIN_RATED", 30, int, minimum=4),
         )
 
     def replace(self, **changes: object) -> Settings:

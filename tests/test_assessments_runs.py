@@ -178,7 +178,7 @@ def test_status_and_finished_at_once_the_last_chunk_reports(runs: SqliteRunStore
     assert (failed.status, failed.students_failed) == ("failed", 2)
     assert failed.to_dict() == {
         "run_id": "all-failed", "status": "failed", "students_total": 2, "students_scored": 0,
-        "students_failed": 2, "started_at": T1, "finished_at": failed.finished_at,
+        "students_failed": 2, "tasks_total": 1, "tasks_done": 1, "started_at": T1, "finished_at": failed.finished_at,
     }
 
     # A late duplicate delivery of a chunk keeps the run's first finish time.

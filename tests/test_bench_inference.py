@@ -70,6 +70,7 @@ TARGETS = {
     "worker_rss_mb",
     "inproc_metrics_on_over_off_p50",
     "http_metrics_on_over_off_p50",
+    "inproc_profiles_on_over_off_p50",
 }
 
 

@@ -257,12 +257,14 @@ def test_load_script_exits_1_naming_the_bad_line_and_0_for_a_clean_file(tmp_path
     assert failed.returncode == 1, failed.stderr
     assert "line 3: word_count_total: must be between 0 and 50000" in failed.stderr
     assert json.loads(failed.stdout) == {
-        "rows": 3, "accepted": 2, "changed": 2, "rejected": 1, "unknown_columns": []
+        "rows": 3, "accepted": 2, "changed": 2, "rejected": 1, "unknown_columns": [], "incomplete": 2
     }
+    # One feature is not a whole student: the skills that require others would fail on them at night.
+    assert "warning: line 2: student a lacks required features" in failed.stderr
 
     passed = run_load_script(clean, database)
     assert passed.returncode == 0, passed.stderr
-    assert "line " not in passed.stderr
+    assert "line 1: " not in passed.stderr.replace("warning: line 1: student d", "")
     assert json.loads(passed.stdout)["accepted"] == 1
 
     loaded = SqliteFeatureStore(SqliteDatabase(database)).get_many(["a", "b", "c", "d"])
@@ -302,3 +304,31 @@ def test_a_student_id_with_a_lone_surrogate_is_a_bad_row(
 
     assert list(bad_lines(report)) == [1]
     assert report.accepted == 1
+
+
+def test_a_student_left_without_a_required_feature_is_warned_about_and_refused_with_strict(
+    tmp_path: Path, catalog: SkillCatalog
+) -> None:
+    required = {spec.skill: [f.name for f in spec.features if f.required] for spec in catalog}
+    skill, names = next((s, n) for s, n in required.items() if n)
+    everything = {f.name: f.default for spec in catalog for f in spec.features}
+    partial = {k: v for k, v in everything.items() if k != names[0]}
+    path = write_lines(
+        tmp_path / "rows.jsonl",
+        [json.dumps({"student_id": "whole", "features": everything}), json.dumps({"student_id": "partial", "features": partial})],
+    )
+    store = SqliteFeatureStore(SqliteDatabase(tmp_path / "warn.sqlite3"))
+    report = load_feature_file(store, catalog, path)
+    assert report.accepted == 2 and store.count() == 2
+    [warning] = report.incomplete
+    assert warning["line"] == 2 and warning["student_id"] == "partial" and names[0] in warning["missing"][skill]
+
+    # Features already stored count: a later update of one feature is not incomplete.
+    update = write_lines(tmp_path / "update.jsonl", [json.dumps({"student_id": "whole", "features": {names[0]: everything[names[0]]}})])
+    assert load_feature_file(store, catalog, update).incomplete == []
+
+    strict_store = SqliteFeatureStore(SqliteDatabase(tmp_path / "strict.sqlite3"))
+    strict = load_feature_file(strict_store, catalog, path, strict=True)
+    assert strict.accepted == 1 and strict_store.count() == 1
+    assert [bad["line"] for bad in strict.bad_rows] == [2]
+    assert "missing" in strict.bad_rows[0]["problems"][0]

@@ -395,7 +395,7 @@ def test_buffered_metrics_are_written_when_the_server_stops(
     metrics = {(line["metric"], line["labels"].get("skill")): line for line in lines if "metric" in line}
     assert metrics[(REQUEST_LATENCY, SKILL)]["value"]["count"] == 7
     assert metrics[(SCORE, SKILL)]["value"]["count"] == 7
-    assert metrics[(REQUEST_COUNT, None)]["value"] == 7
+    assert metrics[(REQUEST_COUNT, SKILL)]["value"] == 7
 
 
 def test_list_time_series_reads_back_what_was_written(metric_service: MetricServiceEmulator) -> None:

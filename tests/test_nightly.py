@@ -210,7 +210,7 @@ def test_runs_are_incremental_on_features_and_model_versions(
     assert {(a.run_id, a.features_hash) for a in services.assessments.latest(changed[0])} == {("it-3", new_hash)}
     assert {a.run_id for a in services.assessments.latest(sorted(students)[1])} == {"it-1"}
 
-    record = publish_version(services.registry, services.artifacts, trained_dir / "leadership")
+    record = publish_version(services.registry, services.artifacts, trained_dir / "leadership", force=True)
     services.registry.promote("leadership", record.version, "production")
 
     dispatched, run = run_to_end(live_server, "it-4")
@@ -232,7 +232,7 @@ def test_a_run_after_a_promotion_scores_with_the_promoted_version(
     before the promotion (MODEL_REFRESH_SECONDS), so the following run has nothing left to score."""
     ensure_demo_students(services, 50)
     assert run_to_end(live_server, "before")[1]["status"] == "succeeded"
-    record = publish_version(services.registry, services.artifacts, trained_dir / "leadership")
+    record = publish_version(services.registry, services.artifacts, trained_dir / "leadership", force=True)
     services.registry.promote("leadership", record.version, "production")
 
     assert run_to_end(live_server, "after")[1]["students_scored"] == 50
@@ -303,7 +303,7 @@ def test_a_chunk_that_exhausts_its_attempts_is_recorded_so_the_run_finishes(
 # -- e. a student whose stored features are invalid -------------------------------------------------------
 
 
-def test_a_student_with_invalid_stored_features_fails_alone_and_is_not_retried(
+def test_a_student_with_invalid_stored_features_fails_only_on_the_skills_that_read_them(
     services: Services, live_server: LocalServer
 ) -> None:
     ensure_demo_students(services, 50)
@@ -311,23 +311,30 @@ def test_a_student_with_invalid_stored_features_fails_alone_and_is_not_retried(
     bad = ids[7]
     services.features.upsert({bad: {"lexical_diversity": 5.0}})  # the store itself does not validate
     readers = {spec.skill for spec in services.catalog if "lexical_diversity" in spec.feature_names}
+    assert readers and readers != set(services.catalog.names)  # the bad value matters to some skills only
 
     _, run = run_to_end(live_server, "with-bad")
 
     assert run["status"] == "partial", run
-    assert (run["students_total"], run["students_scored"], run["students_failed"]) == (50, 49, 1)
+    # Scored on the other skills, failed on these: the student counts in both.
+    assert (run["students_total"], run["students_scored"], run["students_failed"]) == (50, 50, 1)
     assert task_attempts(services, "with-bad", 1) == [1]
     [failure] = services.runs.chunks("with-bad")[0].failed
-    assert failure["student_id"] == bad and "lexical_diversity" in failure["reason"]
-    assert run_students(services, "with-bad") == set(ids) - {bad}
+    assert failure["student_id"] == bad and set(failure["skills"]) == readers
+    assert all("lexical_diversity" in reason for reason in failure["skills"].values())
+    summary = run["failures"]
+    assert set(summary["by_skill"]) == readers
+    assert all(sum(reasons.values()) == 1 for reasons in summary["by_skill"].values())
+    assert {(f["student_id"], f["skill"]) for f in summary["first"]} == {(bad, skill) for skill in readers}
+    assessed = {a.skill for a in services.assessments.latest(bad) if a.run_id == "with-bad"}
+    assert assessed == set(services.catalog.names) - readers
     for student_id in (ids[0], ids[49]):
         assert len([a for a in services.assessments.latest(student_id) if a.run_id == "with-bad"]) == len(services.catalog)
-    assert readers  # the bad value matters to some skills
-    # A failed student gets no assessment from the run, not even for skills that do not read the bad value.
-    assert [a for a in services.assessments.latest(bad) if a.run_id == "with-bad"] == []
 
-    # Not marked as scored: the next run picks the student again (and only that student).
-    assert run_to_end(live_server, "after-bad")[0]["students"] == 1
+    # Marked as scored on these features: the next run leaves the student alone until they change.
+    assert run_to_end(live_server, "after-bad")[0]["students"] == 0
+    services.features.upsert({bad: {"lexical_diversity": 0.5}})
+    assert run_to_end(live_server, "after-fix")[0]["students"] == 1
 
 
 # -- f. stored contributions ---------------------------------------------------------------------------
@@ -414,3 +421,24 @@ def test_skillctl_nightly_fires_a_run_and_prints_its_summary(
     assert summary["seconds"] >= 0
     assert "run cli-1: 100 students in 1 tasks" in done.stderr
     assert services.assessments.count("cli-1") == 100 * len(services.catalog)
+
+
+def test_skillctl_nightly_prints_the_failures_and_exits_1_when_a_run_ends_partial(
+    env: dict[str, str], services: Services, live_server: LocalServer
+) -> None:
+    ensure_demo_students(services, 30)
+    bad = [s.student_id for s in services.features.scan()][3]
+    services.features.upsert({bad: {"lexical_diversity": 5.0}})
+    command = [
+        sys.executable, str(PROJECT_ROOT / "scripts" / "skillctl.py"), "nightly",
+        "--url", live_server.url, "--run-id", "cli-partial", "--poll", "0.2", "--timeout", "100",
+    ]
+    process_env = {**os.environ, **env, "PYTHONPATH": str(PROJECT_ROOT)}
+
+    done = subprocess.run(command, env=process_env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+
+    assert done.returncode == 1, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["status"] == "partial" and summary["students_failed"] == 1
+    assert "run cli-partial partial: 30 of 30 students scored, 1 with a failed skill" in done.stderr
+    assert "lexical_diversity" in done.stderr and f"e.g. {bad} on " in done.stderr

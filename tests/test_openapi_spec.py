@@ -19,7 +19,7 @@ from tests.openapi_contract import (
 
 ERROR_SCHEMA = "#/components/schemas/Error"
 BATCH_PATHS = ("/api/v1/skills/infer/batch", "/tasks/nightly", "/tasks/batch-worker", "/api/v1/batch/runs/{run_id}")
-DRIFT_PATHS = ("/tasks/drift-check", "/api/v1/drift/checks/{check_id}")
+DRIFT_PATHS = ("/tasks/drift-check", "/api/v1/drift/checks/{check_id}", "/tasks/canary-check")
 
 
 def _operations() -> Iterator[tuple[str, str, dict[str, Any]]]:
@@ -160,6 +160,8 @@ def _run(**changes: Any) -> dict[str, Any]:
         "students_total": 3,
         "students_scored": 3,
         "students_failed": 0,
+        "tasks_total": 1,
+        "tasks_done": 1,
         "started_at": "2026-01-01T02:00:00.000Z",
         "finished_at": "2026-01-01T02:03:00.000Z",
     }
