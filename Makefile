@@ -5,9 +5,13 @@ PY := $(VENV)/bin/python
 # The Cloud Tasks emulator pins an old protobuf, so it lives in a virtual environment of its own.
 TASKS_EMULATOR_VENV ?= .venv-tasks-emulator
 TASKS_EMULATOR_REQUIREMENTS := tests/emulators/requirements-tasks-emulator.txt
+# checkov (the Terraform checks of tests/test_terraform.py) pins its own jsonschema, packaging, PyYAML...:
+# a virtual environment of its own, like the Tasks emulator's.
+CHECKOV_VENV ?= .venv-checkov
+CHECKOV_REQUIREMENTS := infra/requirements-checkov.txt
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install emulators run test bench models clean
+.PHONY: install emulators checkov bundle run test bench models clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +24,20 @@ $(TASKS_EMULATOR_VENV)/.installed: $(TASKS_EMULATOR_REQUIREMENTS)
 	$(TASKS_EMULATOR_VENV)/bin/python -m pip install --quiet -r $(TASKS_EMULATOR_REQUIREMENTS)
 	touch $@
 
+$(CHECKOV_VENV)/.installed: $(CHECKOV_REQUIREMENTS)
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet -r $(CHECKOV_REQUIREMENTS)
+	touch $@
+
 install: $(VENV)/.installed
 
 emulators: $(TASKS_EMULATOR_VENV)/.installed
+
+checkov: $(CHECKOV_VENV)/.installed
+
+# The deploy bundle (build/bundle.zip) that infra/terraform uploads and builds every function from.
+bundle: install
+	$(PY) scripts/build_bundle.py
 
 models: install
 	$(PY) scripts/train.py --if-absent
@@ -30,7 +45,7 @@ models: install
 run: install
 	$(PY) scripts/run_local.py
 
-test: install emulators
+test: install emulators checkov
 	$(PY) -m pytest -q
 
 bench: install emulators
@@ -40,4 +55,4 @@ bench: install emulators
 	$(PY) scripts/bench_tasks.py
 
 clean:
-	rm -rf $(VENV) $(TASKS_EMULATOR_VENV) var models/artifacts .pytest_cache
+	rm -rf $(VENV) $(TASKS_EMULATOR_VENV) $(CHECKOV_VENV) var models/artifacts .pytest_cache build
