@@ -247,12 +247,14 @@ def server_cpu_seconds(master: psutil.Process) -> float:
 # -- 1. in-process latency ---------------------------------------------------------------------------
 
 
-def time_all_skills(run_one: Callable[[int, int], object], students: int, skills: int, iterations: int) -> list[float]:
+def time_all_skills(
+    run_one: Callable[[int, int], object], students: int, skills: int, iterations: int, first: int = 0
+) -> list[float]:
     """Returns milliseconds per iteration, each iteration scoring one student (the next one) on every skill."""
     timings = []
     clock = time.perf_counter_ns
     for i in range(iterations):
-        s = i % students
+        s = (first + i) % students
         started = clock()
         for k in range(skills):
             run_one(s, k)
@@ -286,13 +288,20 @@ def bench_in_process(
     for run_one in paths.values():
         time_all_skills(run_one, len(students), len(specs), plan.inproc_warmup)
     # Rounds alternate the paths, so a burst of load from elsewhere hits all of them alike.
+    serving_paths = ("serving", "serving_unprofiled")
     timings: dict[str, list[float]] = {name: [] for name in paths}
     rounds = 8
     window = CpuWindow(time.process_time)
     for _ in range(rounds):
         for name, run_one in paths.items():
-            engine.profiler = None if name == "serving_unprofiled" else profiler
-            timings[name] += time_all_skills(run_one, len(students), len(specs), plan.inproc_iterations // rounds)
+            if name not in serving_paths:
+                timings[name] += time_all_skills(run_one, len(students), len(specs), plan.inproc_iterations // rounds)
+        # Serving profiles on and off, iteration by iteration: neither follows the XGBoost path (which
+        # evicts the ONNX trees from the caches) more often than the other.
+        for i in range(plan.inproc_iterations // rounds):
+            for name in serving_paths if i % 2 == 0 else reversed(serving_paths):
+                engine.profiler = None if name == "serving_unprofiled" else profiler
+                timings[name] += time_all_skills(paths[name], len(students), len(specs), 1, first=i)
     engine.profiler = profiler
     if profiler is not None:
         profiler.flush()  # what was recorded is binned and written, as the background thread would

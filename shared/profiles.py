@@ -85,13 +85,33 @@ class ModelProfile:
         self.feature_names = list(feature_names)
         self.features = {name: ReferenceProfile.from_metadata(reference["features"][name], n) for name in feature_names}
         self.prediction = ReferenceProfile.from_metadata(reference["prediction"], n)
+        # All features' inner edges in one sorted array, each feature shifted into a range of its own,
+        # so that one searchsorted bins every feature of a matrix at once.
+        inner = [self.features[name].edges[1:-1] for name in self.feature_names]
+        self._low = np.array([e[0] - 1.0 if len(e) else -1.0 for e in inner])
+        self._high = np.array([e[-1] + 1.0 if len(e) else 1.0 for e in inner])
+        width = float((self._high - self._low).max()) * 2.0
+        self._shift = np.arange(len(inner)) * width - self._low
+        self._keys = np.concatenate([e + shift for e, shift in zip(inner, self._shift)])
+        self._bins = np.array([len(self.features[name].counts) for name in self.feature_names])
+        self._first_key = np.concatenate([[0], np.cumsum(self._bins - 1)[:-1]])  # keys before each feature's
+        self._first_bin = np.concatenate([[0], np.cumsum(self._bins)[:-1]])  # bins before each feature's
 
     def reference(self, name: str) -> ReferenceProfile:
         return self.prediction if name == PREDICTION else self.features[name]
 
     def counts(self, X: np.ndarray, scores: np.ndarray) -> dict[str, np.ndarray]:
-        """Bins rows of raw features (in the model's order) and their scores."""
-        result = {name: self.features[name].bin_counts(X[:, j]) for j, name in enumerate(self.feature_names)}
+        """Bins rows of raw features (in the model's order) and their scores; values that are not finite are left out."""
+        features = len(self.feature_names)
+        column = np.broadcast_to(np.arange(features), X.shape)
+        finite = np.isfinite(X)
+        # Clipping keeps each value inside its feature's range of keys without changing its bin.
+        shifted = np.clip(X, self._low, self._high) + self._shift
+        position = np.searchsorted(self._keys, shifted[finite], side="right")
+        columns = column[finite]
+        index = position - self._first_key[columns] + self._first_bin[columns]
+        table = np.bincount(index, minlength=int(self._bins.sum()))
+        result = {name: table[start : start + size] for name, start, size in zip(self.feature_names, self._first_bin, self._bins)}
         result[PREDICTION] = self.prediction.bin_counts(scores)
         return result
 
