@@ -175,24 +175,38 @@ class ServingProfiler:
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._buffers: dict[int, _RowBuffer] = {}
+        self._pending: list[tuple[SkillModel, Sequence[float] | np.ndarray, float]] = []
         self._totals: dict[tuple[str, str, str], tuple[int, dict[str, np.ndarray]]] = {}
         self._thread: threading.Thread | None = None
         self._thread_pid = 0
         self._failing = False
 
-    def observe(self, model: SkillModel, values: Sequence[float], score: float) -> None:
-        """Records one scored row (raw feature values in the model's order, and its score)."""
-        with self._lock:
-            buffer = self._buffers.get(id(model))
-            if buffer is None or buffer.model is not model:
-                buffer = self._buffers[id(model)] = _RowBuffer(model, self._buffer_rows)
-            buffer.rows[buffer.size] = values
-            buffer.scores[buffer.size] = score
-            buffer.size += 1
-            if buffer.size == len(buffer.scores):
-                self._fold(buffer)  # once every buffer_rows requests: about a millisecond
+    def observe(self, model: SkillModel, values: Sequence[float] | np.ndarray, score: float) -> None:
+        """Records one scored row (raw feature values in the model's order, and its score).
+
+        On the request path this is one list append (atomic under the GIL, so no lock): the rows are
+        copied into arrays and binned later, by the flush thread or once the list is long.
+        """
+        pending = self._pending
+        pending.append((model, values, score))
+        if len(pending) >= self._buffer_rows:
+            self._drain()
         if self._thread_pid != os.getpid():
             self._start_thread()
+
+    def _drain(self) -> None:
+        """Moves the pending rows into the per-model buffers (folding those that fill)."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+            for model, values, score in pending:
+                buffer = self._buffers.get(id(model))
+                if buffer is None or buffer.model is not model:
+                    buffer = self._buffers[id(model)] = _RowBuffer(model, self._buffer_rows)
+                buffer.rows[buffer.size] = values
+                buffer.scores[buffer.size] = score
+                buffer.size += 1
+                if buffer.size == len(buffer.scores):
+                    self._fold(buffer)
 
     def observe_many(self, model: SkillModel, X: np.ndarray, scores: np.ndarray) -> None:
         """Records a batch of scored rows (binned at once: a batch is already a matrix)."""
@@ -233,6 +247,7 @@ class ServingProfiler:
     def flush(self) -> None:
         """Bins what is buffered and writes this process's running counts; a failure is logged, never raised."""
         with self._flush_lock:
+            self._drain()
             with self._lock:
                 for buffer in self._buffers.values():
                     self._fold(buffer)

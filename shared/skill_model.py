@@ -117,9 +117,9 @@ class SkillModel:
         out = self._session.run([ONNX_PROBABILITIES], {ONNX_INPUT: self.scale(X)})[0]
         return np.minimum(np.maximum(out[:, 1].astype(np.float64), 0.0), 1.0)
 
-    def probability(self, values: list[float]) -> float:
-        """Scores one raw row through ONNX Runtime; returns P(high skill) in [0, 1]."""
-        X = np.array([values], dtype=np.float64)
+    def probability(self, values: list[float] | np.ndarray) -> float:
+        """Scores one raw row (a list, or a float64 matrix of one row) through ONNX Runtime; returns P(high skill) in [0, 1]."""
+        X = values if isinstance(values, np.ndarray) else np.array([values], dtype=np.float64)
         p = float(self._session.run([ONNX_PROBABILITIES], {ONNX_INPUT: self.scale(X)})[0][0, 1])
         return min(1.0, max(0.0, p))
 
