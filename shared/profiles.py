@@ -96,21 +96,20 @@ class ModelProfile:
         self._bins = np.array([len(self.features[name].counts) for name in self.feature_names])
         self._first_key = np.concatenate([[0], np.cumsum(self._bins - 1)[:-1]])  # keys before each feature's
         self._first_bin = np.concatenate([[0], np.cumsum(self._bins)[:-1]])  # bins before each feature's
+        self._total_bins = int(self._bins.sum())
 
     def reference(self, name: str) -> ReferenceProfile:
         return self.prediction if name == PREDICTION else self.features[name]
 
     def counts(self, X: np.ndarray, scores: np.ndarray) -> dict[str, np.ndarray]:
         """Bins rows of raw features (in the model's order) and their scores; values that are not finite are left out."""
-        features = len(self.feature_names)
-        column = np.broadcast_to(np.arange(features), X.shape)
-        finite = np.isfinite(X)
         # Clipping keeps each value inside its feature's range of keys without changing its bin.
-        shifted = np.clip(X, self._low, self._high) + self._shift
-        position = np.searchsorted(self._keys, shifted[finite], side="right")
-        columns = column[finite]
-        index = position - self._first_key[columns] + self._first_bin[columns]
-        table = np.bincount(index, minlength=int(self._bins.sum()))
+        shifted = np.clip(X, self._low, self._high)
+        shifted += self._shift
+        position = np.searchsorted(self._keys, shifted, side="right")
+        index = position + (self._first_bin - self._first_key)  # key position -> the feature's own bins
+        finite = np.isfinite(X)
+        table = np.bincount(index.ravel() if finite.all() else index[finite], minlength=self._total_bins)
         result = {name: table[start : start + size] for name, start, size in zip(self.feature_names, self._first_bin, self._bins)}
         result[PREDICTION] = self.prediction.bin_counts(scores)
         return result
@@ -299,7 +298,7 @@ class SqliteProfileStore:
             conn.executemany(
                 "INSERT OR REPLACE INTO serving_profiles (skill, model_version, day, source, students, counts, updated_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(p.skill, p.model_version, p.day, p.source, p.students, json.dumps(p.counts), p.updated_at) for p in parts],
+                [(p.skill, p.model_version, p.day, p.source, p.students, json.dumps(p.counts, separators=(",", ":")), p.updated_at) for p in parts],
             )
 
     def parts(self, skill: str, model_version: str, days: Sequence[str]) -> list[ProfilePart]:
