@@ -21,6 +21,8 @@ from shared.settings import PROJECT_ROOT, Settings
 
 log = logging.getLogger(__name__)
 
+LOCAL_STACK_ACTOR = "local-stack"  # who the registry history names for the demo models a start publishes
+
 
 def ensure_demo_models(services: Services, trained_dir: Path, seed: int = 7) -> list[str]:
     """Trains the skills that have no artifacts in trained_dir, then publishes and promotes every skill
@@ -40,10 +42,12 @@ def ensure_demo_models(services: Services, trained_dir: Path, seed: int = 7) -> 
             write_trained(result, trained_dir)
     for skill in missing:
         try:
-            record = publish_version(registry, services.artifacts, trained_dir / skill)
+            record = publish_version(
+                registry, services.artifacts, trained_dir / skill, actor=LOCAL_STACK_ACTOR, reason="demo model of the embedded stack"
+            )
         except AlreadyPublished as published:  # by a start that stopped before promoting it
             record = published.existing
-        registry.promote(skill, record.version, "production")
+        registry.make_production(skill, record.version, actor=LOCAL_STACK_ACTOR, reason="demo model of the embedded stack")
         log.info("published demo model", extra={"skill": skill, "model_version": record.version})
     return missing
 

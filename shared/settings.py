@@ -9,7 +9,7 @@ import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from urllib.parse import urlparse
-from typing import Callable, Mapping, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 from shared.errors import ConfigError
 
@@ -23,6 +23,7 @@ _CLOUD_TASKS_QUEUE = re.compile(r"cloudtasks://projects/[a-z][a-z0-9-]{4,61}[a-z
 _NAMED_SCHEMES = {"gs": "bucket", "firestore": "project"}
 _MONITORING_PROJECT = re.compile(r"monitoring://[a-z][a-z0-9-]{4,61}[a-z0-9]")
 _EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+_KIND_NAMES: dict[Callable[[str], Any], str] = {int: "an integer", float: "a number"}  # for errors that read as sentences
 
 
 @dataclass(frozen=True)
@@ -272,7 +273,7 @@ class _Reader:
         try:
             value = kind(raw)
         except ValueError:
-            raise ConfigError(f"Config {name!r} must be a {kind.__name__}; got {raw!r}.") from None
+            raise ConfigError(f"Config {name!r} must be {_KIND_NAMES.get(kind, 'a number')}; got {raw!r}.") from None
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"Config {name!r} must be a finite number; got {raw!r}.")
         if minimum is not None and value < minimum:  # type: ignore[operator]

@@ -156,3 +156,14 @@ def test_task_authentication_is_off_by_default_and_oidc_needs_its_audience_and_a
     )
     assert on.tasks_auth == "oidc"
     assert on.tasks_auth_allowed_emails == frozenset({"a@p.iam.gserviceaccount.com", "b@p.iam.gserviceaccount.com"})
+
+
+@pytest.mark.parametrize(
+    "name, value, expected",
+    [("PORT", "80.5", "must be an integer"), ("MODEL_REFRESH_SECONDS", "soon", "must be a number")],
+)
+def test_a_malformed_number_is_named_in_a_sentence(name: str, value: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({name: value})
+    assert expected in str(caught.value)
+    assert "must be a int" not in str(caught.value) and "must be a float" not in str(caught.value)
