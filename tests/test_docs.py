@@ -26,3 +26,13 @@ def test_no_module_but_settings_reads_the_environment():
     ]
     # local_stack passes the environment on to the server processes it starts; it reads no setting from it.
     assert set(offenders) <= {"shared/local_stack.py"}, offenders
+
+
+def test_make_help_lists_every_target_with_its_purpose():
+    import subprocess
+
+    makefile = (PROJECT_ROOT / "Makefile").read_text()
+    phony = set(re.search(r"^\.PHONY:(.*)$", makefile, re.M).group(1).split())
+    listed = subprocess.run(["make", "--no-print-directory", "help"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
+    described = {line.split()[0] for line in listed.stdout.splitlines() if len(line.split()) > 1}
+    assert phony <= described, f"make help does not describe: {sorted(phony - described)}"
