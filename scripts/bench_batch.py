@@ -40,6 +40,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from scripts.bench_targets import Target
+from scripts.command_line import HelpFormatter
 from shared.catalog import SkillCatalog
 from shared.local_stack import LocalServer, ensure_demo_models, ensure_demo_students, free_port
 from shared.services import Services
@@ -248,7 +249,7 @@ def http_json(method: str, url: str, body: Any = None, timeout: float = 60.0) ->
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # nosec B310 # the bench's own http://127.0.0.1 server
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         raise RuntimeError(f"{method} {url} answered {exc.code}: {exc.read()[:400]!r}") from None
@@ -610,7 +611,7 @@ def run(plan: Plan, quick: bool) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run with smaller cohorts and fewer repeats")
     args = parser.parse_args(argv)
     return run(Plan.quick() if args.quick else Plan.full(), args.quick)

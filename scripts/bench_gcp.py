@@ -30,6 +30,7 @@ from typing import Any
 
 from scripts.bench_inference import cold_start, skill_bodies, stack_env, student_features
 from scripts.bench_targets import Target
+from scripts.command_line import HelpFormatter
 from shared.local_stack import ensure_demo_models
 from shared.services import Services
 from shared.settings import PROJECT_ROOT, Settings
@@ -50,7 +51,7 @@ def import_seconds(module: str, repeats: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one cold start per stack instead of five")
     args = parser.parse_args(argv)
     rounds = 1 if args.quick else 5

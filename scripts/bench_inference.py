@@ -51,6 +51,7 @@ import psutil
 
 from functions.local_server import FLOOR_PATH, create_app
 from scripts.bench_targets import Target
+from scripts.command_line import HelpFormatter
 from shared.catalog import SkillCatalog
 from shared.engine import InferenceRequest
 from shared.local_stack import LocalServer, ensure_demo_models, free_port, gunicorn_args
@@ -734,7 +735,7 @@ def bench_metrics_in_process(
     recorder = open_metrics(settings.replace(metrics="log"))
     count = 20_000
     started = time.perf_counter_ns()
-    for i in range(count):
+    for _ in range(count):
         recorder.record_request("infer", 200, 0.0012, "leadership", "1.0.0")
         recorder.record_score("leadership", "1.0.0", 0.5)
     record_us = (time.perf_counter_ns() - started) / count / 1e3
@@ -962,7 +963,7 @@ def run(plan: Plan, quick: bool) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a short smoke run with small iteration counts")
     parser.add_argument("--load-generator", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

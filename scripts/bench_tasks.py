@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from scripts.bench_targets import Target
+from scripts.command_line import HelpFormatter
 from shared.gcp.tasks import ENQUEUE_WIDTH, CloudTasksQueue
 from shared.settings import PROJECT_ROOT, Settings
 from shared.tasks import Task
@@ -194,7 +195,7 @@ def run(plan: Plan, quick: bool) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"a smoke run: {Plan.quick().tasks} tasks instead of 5,000")
     args = parser.parse_args(argv)
     if not CloudTasksEmulator.installed():

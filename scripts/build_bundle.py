@@ -30,6 +30,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from scripts.command_line import HelpFormatter
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "build" / "bundle.zip"
 ROOT_REQUIREMENTS = ROOT / "requirements.txt"
@@ -232,7 +234,7 @@ def build(out: Path = DEFAULT_OUT) -> Bundle:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"where to write the zip (default {DEFAULT_OUT.relative_to(ROOT)})")
     args = parser.parse_args(argv)
     try:

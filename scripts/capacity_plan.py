@@ -25,11 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scripts import readme_sections
+from scripts.command_line import HelpFormatter
 from shared.settings import PROJECT_ROOT
 
 FIGURES_FILE = PROJECT_ROOT / "scripts" / "capacity_figures.json"
 README = PROJECT_ROOT / "README.md"
-BEGIN, END = "<!-- capacity-plan:begin -->", "<!-- capacity-plan:end -->"
+README_SECTION = "capacity-plan"  # the README section this script writes
 
 WINDOW_SECONDS = 15 * 60
 TARGET_STUDENTS = 1_000_000
@@ -297,17 +299,10 @@ def measure(students: int) -> dict[str, Any]:
     }
 
 
-def readme_with(section: str, readme: str) -> str:
-    """Returns the README text with the capacity section replaced."""
-    head, rest = readme.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{section}{END}{tail}"
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--measure", action="store_true", help="measure the figures again (starts the Firestore emulator)")
-    parser.add_argument("--students", type=int, default=2_200, help="students to measure with (default: %(default)s)")
+    parser.add_argument("--students", type=int, default=2_200, help="students to measure with")
     parser.add_argument("--write-readme", action="store_true", help="replace the README's capacity section")
     args = parser.parse_args(argv)
     if args.measure:
@@ -317,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     text = plan(figures)
     print(text, end="")
     if args.write_readme:
-        README.write_text(readme_with(text, README.read_text()))
+        README.write_text(readme_sections.with_section(README.read_text(), README_SECTION, text))
     print(json.dumps(figures))
     return 0
 

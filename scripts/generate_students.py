@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from scripts.command_line import HelpFormatter
 from shared.catalog import SkillCatalog
 from shared.feature_store import write_cohort_jsonl
 from shared.settings import PROJECT_ROOT, Settings
@@ -16,7 +17,7 @@ from shared.synthetic import generate_cohort
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--students", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--prefix", default="student", help="student ids are <prefix>-<number>")

@@ -14,13 +14,14 @@ import json
 import sys
 from pathlib import Path
 
+from scripts.command_line import HelpFormatter
 from shared.ratings import load_ratings_file
 from shared.services import Services
 from shared.settings import Settings
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("path", type=Path, help="a .csv or .jsonl file")
     args = parser.parse_args(argv)
     if not args.path.is_file():

@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 
+from scripts.command_line import HelpFormatter
 from shared.local_stack import ensure_demo_models, ensure_demo_students, gunicorn_args
 from shared.logs import configure_logging
 from shared.services import Services
@@ -22,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Returns the parser: the script takes no options (settings come from the environment), so that
     --help prints this help and exits instead of starting a server."""
     return argparse.ArgumentParser(
-        prog="run_local.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="run_local.py", description=__doc__, formatter_class=HelpFormatter
     )
 
 

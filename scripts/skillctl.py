@@ -17,8 +17,10 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlparse
 from typing import Any, Mapping
 
+from scripts.command_line import HelpFormatter
 from shared.errors import ConfigError, ServiceError
 from shared.publishing import AlreadyPublished, publish_version
 from shared.registry import CANARY_ABORT, HistoryEvent, ModelRegistry, Rollout, listing, percent
@@ -302,7 +304,7 @@ def _http_json(method: str, url: str, body: Any, timeout: float) -> Any:
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # nosec B310 # --url is http(s): service_url checks it
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
         raise SystemExit(f"{method} {url} answered {exc.code}: {exc.read().decode(errors='replace')}") from None
@@ -317,15 +319,6 @@ def _print_json(value: Any) -> None:
 # -- the parser -----------------------------------------------------------------------------------------
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows every option's default, except where there is none to show (no value, an off flag)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False or action.default == []:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def default_actor(settings: Settings) -> str:
     """Returns who registry changes are recorded as made by when --actor is not given: OPERATOR, else the OS user."""
     if settings.operator:
@@ -338,13 +331,21 @@ def default_actor(settings: Settings) -> str:
 
 def local_url(settings: Settings) -> str:
     """Returns the local stack's base URL: the server `make run` starts listens on HOST:PORT."""
-    host = "127.0.0.1" if settings.host in ("", "0.0.0.0", "::") else settings.host
+    host = "127.0.0.1" if settings.host in ("", "0.0.0.0", "::") else settings.host  # nosec B104 # binds nothing: maps a wildcard to loopback
     return f"http://{host}:{settings.port}"
+
+
+def service_url(value: str) -> str:
+    """Returns value if it is an http(s) URL; argparse reports anything else as a usage error (exit 2)."""
+    parsed = urlparse(value)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise argparse.ArgumentTypeError(f"must be an http:// or https:// URL; got {value!r}")
+    return value
 
 
 def build_parser(settings: Settings) -> argparse.ArgumentParser:
     """Returns the command line's parser; defaults that depend on the environment come from `settings`."""
-    parser = argparse.ArgumentParser(prog="skillctl", description=__doc__, formatter_class=_HelpFormatter)
+    parser = argparse.ArgumentParser(prog="skillctl", description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     change = argparse.ArgumentParser(add_help=False)
@@ -358,7 +359,7 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
 
     def command(group: Any, name: str, summary: str, *parents: argparse.ArgumentParser, details: str = "") -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = group.add_parser(
-            name, help=summary, description=f"{summary}.\n\n{details}".strip(), formatter_class=_HelpFormatter, parents=list(parents)
+            name, help=summary, description=f"{summary}.\n\n{details}".strip(), formatter_class=HelpFormatter, parents=list(parents)
         )
         p.set_defaults(parser=p)
         return p
@@ -448,7 +449,7 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
 
     url = local_url(settings)
     p = command(sub, "nightly", "fire the nightly run on a server and follow it to completion")
-    p.add_argument("--url", default=url, help="base URL of the service (the local stack's, from HOST and PORT)")
+    p.add_argument("--url", type=service_url, default=url, help="base URL of the service (the local stack's, from HOST and PORT)")
     p.add_argument("--full", action="store_true", help="score every student, not only those with new data")
     p.add_argument("--run-id", help="run id (default: the server picks nightly-YYYYMMDD)")
     p.add_argument("--poll", type=float, default=0.5, help="seconds between progress checks")
@@ -456,7 +457,7 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_nightly)
 
     p = command(sub, "drift", "run a drift check on a server, print its summary and where its report is")
-    p.add_argument("--url", default=url, help="base URL of the service (the local stack's, from HOST and PORT)")
+    p.add_argument("--url", type=service_url, default=url, help="base URL of the service (the local stack's, from HOST and PORT)")
     p.add_argument("--window-days", type=int, help="days of scoring to compare (default: the server's DRIFT_WINDOW_DAYS)")
     p.add_argument("--skill", action="append", default=[], help="only this skill (repeatable; default: every skill)")
     p.add_argument(

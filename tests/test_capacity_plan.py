@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from scripts import capacity_plan
+from scripts import capacity_plan, readme_sections
 from shared.settings import PROJECT_ROOT
 
 
@@ -19,7 +19,7 @@ def test_the_cold_ramp_admits_500_then_750_then_1125_writes_per_second() -> None
 def test_the_readme_shows_the_plan_the_script_computes_from_the_recorded_figures() -> None:
     figures = json.loads(capacity_plan.FIGURES_FILE.read_text())
     readme = (PROJECT_ROOT / "README.md").read_text()
-    section = readme.split(capacity_plan.BEGIN, 1)[1].split(capacity_plan.END, 1)[0]
+    section = readme_sections.section(readme, capacity_plan.README_SECTION)
     assert section.strip() == capacity_plan.plan(figures).strip(), (
         "the README's capacity plan is stale: run scripts/capacity_plan.py --write-readme"
     )

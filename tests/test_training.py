@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 import shared.training as training
+from scripts import readme_sections, train
 from shared.artifacts import ARTIFACT_FILES, BOOSTER_FILE, METADATA_FILE, METADATA_SCHEMA_VERSION, ONNX_FILE, SCALER_FILE, sha256_hex
 from shared.catalog import SkillCatalog
+from shared.settings import PROJECT_ROOT
 from shared.training import ExportError, TrainingConfig, train_catalog
 
 SMALL = TrainingConfig(n_students=2000, n_estimators=50)
@@ -196,3 +198,12 @@ def test_train_catalog_rejects_an_unknown_skill(catalog: SkillCatalog) -> None:
 
     with pytest.raises(UnknownSkill):
         train_catalog(catalog, TrainingConfig(n_students=500, n_estimators=5), ["juggling"])
+
+
+def test_the_readme_auc_table_is_what_training_produces(trained_dir: Path, catalog: SkillCatalog) -> None:
+    # trained_dir is trained with the default config, as `scripts/train.py --write-readme` requires.
+    metadata = {s: json.loads((trained_dir / s / "metadata.json").read_text()) for s in catalog.names}
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    assert readme_sections.section(readme, train.README_SECTION).strip() == train.auc_table(metadata, catalog.names).strip(), (
+        "the README's AUC table is stale: run scripts/train.py --write-readme"
+    )
