@@ -61,12 +61,12 @@ def ensure_demo_students(services: Services, count: int = 1000, seed: int = 11) 
     from shared.synthetic import generate_cohort
 
     cohort = generate_cohort(services.catalog, count, seed)
-    path = Path(tempfile.mkdtemp(prefix="skills-demo-")) / "demo_students.jsonl"
-    write_cohort_jsonl(path, cohort.student_ids, cohort.features, cohort.teacher_ratings)
-    report = load_feature_file(services.features, services.catalog, path)
-    ratings = load_ratings_file(services.ratings, services.catalog, path)
-    path.unlink()
-    path.parent.rmdir()
+    # The file exists only to go through the loaders an operator uses; it is removed even if loading fails.
+    with tempfile.TemporaryDirectory(prefix="skills-demo-") as folder:
+        path = Path(folder) / "demo_students.jsonl"
+        write_cohort_jsonl(path, cohort.student_ids, cohort.features, cohort.teacher_ratings)
+        report = load_feature_file(services.features, services.catalog, path)
+        ratings = load_ratings_file(services.ratings, services.catalog, path)
     log.info("seeded demo students", extra={"students": report.accepted, "rated_students": ratings.accepted})
     return report.accepted
 
@@ -110,7 +110,7 @@ class LocalServer:
             if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
             try:
-                with urllib.request.urlopen(self.url + "/_bench/constant", timeout=1) as response:
+                with urllib.request.urlopen(self.url + "/_bench/constant", timeout=1) as response:  # nosec B310 # self.url is http://127.0.0.1:PORT
                     if response.status == 200:
                         return
             except OSError:

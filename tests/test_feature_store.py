@@ -332,3 +332,30 @@ def test_a_student_left_without_a_required_feature_is_warned_about_and_refused_w
     assert strict.accepted == 1 and strict_store.count() == 1
     assert [bad["line"] for bad in strict.bad_rows] == [2]
     assert "missing" in strict.bad_rows[0]["problems"][0]
+
+
+def test_seeding_demo_students_leaves_no_temporary_folder_even_when_loading_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    import shared.ratings
+    from shared.local_stack import ensure_demo_students
+    from shared.services import Services
+    from shared.settings import Settings
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    seeded = Services(Settings.from_env({"DATABASE_URL": str(tmp_path / "seeded.sqlite3"), "ARTIFACT_STORE": str(tmp_path / "a")}))
+    assert ensure_demo_students(seeded, 5) == 5
+    assert list(scratch.iterdir()) == []
+
+    def broken_loader(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the ratings loader broke")
+
+    monkeypatch.setattr(shared.ratings, "load_ratings_file", broken_loader)
+    failing = Services(Settings.from_env({"DATABASE_URL": str(tmp_path / "failing.sqlite3"), "ARTIFACT_STORE": str(tmp_path / "b")}))
+    with pytest.raises(RuntimeError):
+        ensure_demo_students(failing, 5)
+    assert list(scratch.iterdir()) == []
