@@ -56,6 +56,7 @@ bench: install emulators  ## every benchmark, each printing its ratios side by s
 	$(PY) scripts/bench_batch.py
 	$(PY) scripts/bench_gcp.py
 	$(PY) scripts/bench_tasks.py
+	$(PY) scripts/bench_soak.py
 
 clean:  ## remove the virtual environments, local data, trained artifacts and build output
 	rm -rf $(VENV) $(TASKS_EMULATOR_VENV) $(CHECKOV_VENV) var models/artifacts .pytest_cache build

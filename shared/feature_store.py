@@ -122,7 +122,7 @@ class SqliteFeatureStore:
             for start in range(0, len(ids), 500):
                 part = ids[start : start + 500]
                 rows = conn.execute(
-                    f"SELECT student_id, features FROM student_features WHERE student_id IN ({','.join('?' * len(part))})",
+                    f"SELECT student_id, features FROM student_features WHERE student_id IN ({','.join('?' * len(part))})",  # nosec B608 # only ? placeholders are formatted in; the ids are bound
                     part,
                 ).fetchall()
                 existing.update({r["student_id"]: json.loads(r["features"]) for r in rows})
@@ -147,7 +147,7 @@ class SqliteFeatureStore:
         for start in range(0, len(ids), 500):
             part = ids[start : start + 500]
             rows = self.db.query(
-                f"SELECT * FROM student_features WHERE student_id IN ({','.join('?' * len(part))})", part
+                f"SELECT * FROM student_features WHERE student_id IN ({','.join('?' * len(part))})", part  # nosec B608 # only ? placeholders are formatted in; the ids are bound
             )
             result.update({r["student_id"]: _student(r) for r in rows})
         return result
@@ -165,7 +165,7 @@ class SqliteFeatureStore:
         last = ""
         while True:
             rows = self.db.query(
-                f"SELECT {columns} FROM student_features WHERE student_id > ? ORDER BY student_id LIMIT 1000", (last,)
+                f"SELECT {columns} FROM student_features WHERE student_id > ? ORDER BY student_id LIMIT 1000", (last,)  # nosec B608 # columns: constants of this module
             )
             if not rows:
                 return

@@ -305,7 +305,7 @@ class SqliteProfileStore:
         if not days:
             return []
         rows = self.db.query(
-            f"SELECT * FROM serving_profiles WHERE skill = ? AND model_version = ? AND day IN ({','.join('?' * len(days))}) "
+            f"SELECT * FROM serving_profiles WHERE skill = ? AND model_version = ? AND day IN ({','.join('?' * len(days))}) "  # nosec B608 # only ? placeholders are formatted in; the days are bound
             "ORDER BY day, source",
             [skill, model_version, *days],
         )

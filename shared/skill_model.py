@@ -144,7 +144,9 @@ class SkillModel:
         """Returns exact TreeSHAP contributions (log-odds) per row and feature, without the bias column."""
         import xgboost
 
-        matrix = xgboost.DMatrix(self.scale(X))
+        # BATCH_THREADS, like the booster: with the default (every core), a one-row explanation took 2-3x as long
+        # whenever the other core was busy.
+        matrix = xgboost.DMatrix(self.scale(X), nthread=self._booster_threads)
         return self.booster().predict(matrix, pred_contribs=True)[:, :-1]
 
     def top_contributions(self, values: np.ndarray, contributions: np.ndarray) -> list[dict[str, Any]]:

@@ -274,7 +274,7 @@ def test_parts_of_other_days_are_outside_the_window(tmp_path: Path) -> None:
 def test_a_model_published_with_schema_one_metadata_still_loads_and_is_checked(
     services: Services, trained_dir: Path, tmp_path: Path
 ) -> None:
-    from shared.artifacts import METADATA_FILE, sha256_hex
+    from shared.artifacts import METADATA_FILE
     from shared.publishing import publish_version
 
     folder = tmp_path / SKILL

@@ -174,7 +174,7 @@ def test_a_failed_write_loses_nothing_and_is_logged_again_only_after_an_interval
     recorder = MetricsRecorder(CloudMonitoringWriter(PROJECT, emulator_host=metric_service.host), _resource(), 60.0, clock)
     metric_service.fail_with = grpc.StatusCode.UNAVAILABLE
     with caplog.at_level(logging.WARNING, logger="skills.metrics"):
-        for second in range(0, 120, 10):  # a flush every 10 s of stepped time, for two minutes
+        for _ in range(0, 120, 10):  # a flush every 10 s of stepped time, for two minutes
             recorder.record_request("infer", 200, 0.002, SKILL, "1.0.0")
             clock.step(10)
             assert recorder.flush() == 0

@@ -208,7 +208,8 @@ def test_concurrent_inserts_of_one_version_one_wins_the_other_gets_conflict(stor
         barrier = threading.Barrier(2, timeout=10)
         outcomes: dict[str, str] = {}
 
-        def insert(name: str) -> None:
+        # Bound per iteration, so a thread that outlives its join timeout cannot see the next iteration's (B023).
+        def insert(name: str, barrier: threading.Barrier = barrier, version: str = version, outcomes: dict[str, str] = outcomes) -> None:
             barrier.wait()
             try:
                 stores.registry.insert(model_version(version, sha256=name * 64))
