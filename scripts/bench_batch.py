@@ -586,7 +586,7 @@ def run(plan: Plan, quick: bool) -> int:
     )
     print(
         f"nightly: BATCH_CHUNK_SIZE={Settings.from_env({}).batch_chunk_size}, gunicorn {SERVER_WORKERS} sync workers, "
-        f"local task queue with {SERVER_WORKERS} delivery threads. cold = first run on a fresh server (median of "
+        f"local task queue delivered by each worker process, one task at a time. cold = first run on a fresh server (median of "
         + " / ".join(str(n) for n in plan.nightly_servers)
         + " servers), warm = later full runs on it (median of "
         + " / ".join(str(n * w) for n, w in zip(plan.nightly_servers, plan.nightly_warm_runs))

@@ -124,10 +124,18 @@ class ModelUnavailable(ServiceError):
 
 
 class StoreUnavailable(ServiceError):
-    """A store or queue could not be reached; the operation may succeed if retried."""
+    """A store or queue could not be reached; the operation may succeed if retried.
+
+    The answer says when to retry (Retry-After): Cloud Tasks takes it into account when it backs off a
+    task answered 503, and a caller of the API can follow it. Cloud Scheduler keeps its own backoff.
+    """
 
     code = "store_unavailable"
     status = 503
+    retry_after_seconds = 10
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_seconds)}
 
 
 class ArtifactIntegrityError(ServiceError):

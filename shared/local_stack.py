@@ -153,13 +153,17 @@ def free_port() -> int:
 
 
 def gunicorn_args(settings: Settings) -> list[str]:
-    """Returns the server shape the README documents: N single-threaded sync workers, no access log (requests log themselves)."""
+    """Returns the server shape the README documents: N single-threaded sync workers, no access log (requests
+    log themselves), each worker delivering the embedded queue's tasks, and on SIGTERM new connections refused
+    while the requests in flight finish within 10 s (shared/gunicorn_hooks.py)."""
     return [
+        "--config", "python:shared.gunicorn_hooks",
         "--bind", f"{settings.host}:{settings.port}",
         "--workers", str(settings.server_workers),
         "--threads", "1",
         "--worker-class", "sync",
         "--timeout", "120",
+        # Cloud Run gives an instance 10 s between SIGTERM and SIGKILL.
         "--graceful-timeout", "10",
         "--log-level", "warning",
         "functions.local_server:app",

@@ -151,13 +151,32 @@ class Services:
                 service_account=self.settings.tasks_service_account,
                 audience=self.settings.tasks_audience,
                 emulator_host=self.settings.cloud_tasks_emulator_host,
+                dispatch_deadline_seconds=self.settings.task_dispatch_deadline_seconds,
             )
         return LocalTaskQueue(
             self.database,
             max_attempts=self.settings.task_max_attempts,
             min_backoff_seconds=self.settings.task_min_backoff_seconds,
-            concurrency=self.settings.server_workers,
+            # Every worker process of the server delivers (deliver_tasks): one task at a time each keeps as
+            # many chunks under way as there are workers to score them, and none waiting in the backlog
+            # (where its dispatch deadline would run, and online requests would queue behind it).
+            concurrency=1,
+            request_timeout_seconds=self.settings.task_dispatch_deadline_seconds,
         )
+
+    def deliver_tasks(self) -> LocalTaskQueue | None:
+        """Makes this process deliver the embedded queue's tasks for as long as it lives, and returns that queue.
+
+        Every server process does, as Cloud Tasks delivers to whichever instance is up, so a run goes on
+        when the process that enqueued it dies. Returns None, starting nothing, when Cloud Tasks delivers
+        (TASK_QUEUE) or when there is no SQLite database for the embedded queue (DATABASE_URL).
+        """
+        if self.settings.task_queue != "local" or sqlite_path(self.settings.database_url) is None:
+            return None
+        queue = self.tasks
+        assert isinstance(queue, LocalTaskQueue)
+        queue.keep_delivering()
+        return queue
 
     @cached_property
     def task_auth(self) -> TaskAuthenticator:

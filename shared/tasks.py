@@ -1,8 +1,9 @@
 """Task queues: named HTTP tasks delivered at least once to a worker URL, deduplicated by name.
 
 The embedded queue delivers over local HTTP with the headers Cloud Tasks sends, exponential
-backoff and a bounded number of attempts, so the local path exercises the same HTTP worker as
-production. A Cloud Tasks queue fills the same Protocol (HTTP target, OIDC token, the same names).
+backoff, a bounded number of attempts and a dispatch deadline per attempt, so the local path
+exercises the same HTTP worker as production. A Cloud Tasks queue fills the same Protocol (HTTP
+target, OIDC token, dispatch deadline, the same names).
 """
 
 from __future__ import annotations
@@ -23,6 +24,17 @@ from shared.sqlite import SqliteDatabase
 log = logging.getLogger(__name__)
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9_-]{1,500}$")  # Cloud Tasks' rule for task ids
+
+# A lease outlives the HTTP timeout of its attempt by this much, so that a deliverer that is alive
+# records its answer (or its timeout) before another process may take the task over.
+LEASE_GRACE_SECONDS = 2.0
+# How often a server process looks for tasks to deliver while it delivers none: one indexed SQLite
+# read of about 13 us, off every request's path (0.01 % of a core). It is also how long the other
+# processes of a server may take to join the delivery of a run one of them enqueued: a warm run of
+# 1,000 students takes well under a second.
+WATCH_SECONDS = 0.1
+# Delivery threads stop after this long without anything to deliver (the watcher restarts them).
+IDLE_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -62,11 +74,17 @@ CREATE INDEX IF NOT EXISTS local_tasks_due ON local_tasks (state, next_attempt_a
 
 
 class LocalTaskQueue:
-    """A queue in the embedded database, delivered by background threads of the process that enqueues.
+    """A queue in the embedded database, delivered over local HTTP by whichever process is alive to deliver it.
 
-    Task states: pending (waiting for its next attempt), done (answered 2xx), failed (attempts used up).
-    Delivery threads start on enqueue and stop once nothing is pending; tasks left pending by a
-    stopped process are delivered by the next process that enqueues into the same database.
+    Task states: pending (waiting for its next attempt, or under way), done (answered 2xx), failed
+    (attempts used up). An attempt counts when it starts and holds a lease on its task for the
+    dispatch deadline (`request_timeout_seconds`, also its HTTP timeout) plus LEASE_GRACE_SECONDS.
+    A deliverer that dies with its attempt leaves the lease to run out; then any process takes the
+    task again, as Cloud Tasks retries an attempt that outlived its dispatch deadline.
+
+    Delivery threads start on enqueue and stop once nothing unleased is pending. A server process
+    also calls `keep_delivering`: a watcher thread that looks for due tasks every WATCH_SECONDS and
+    starts delivery threads when it finds one, so a run goes on whichever of its processes dies.
     """
 
     def __init__(
@@ -87,7 +105,9 @@ class LocalTaskQueue:
         self.concurrency = concurrency
         self.request_timeout = request_timeout_seconds
         self._threads: list[threading.Thread] = []
+        self._watcher: threading.Thread | None = None
         self._threads_lock = threading.Lock()
+        self._stopping = threading.Event()
         db.ensure_schema("local_tasks", _TASKS_DDL)
 
     def enqueue(self, task: Task) -> bool:
@@ -123,49 +143,113 @@ class LocalTaskQueue:
     # -- delivery ----------------------------------------------------------------------------------
 
     def start_delivery(self) -> None:
-        """Makes sure delivery threads run in this process."""
+        """Makes sure delivery threads run in this process (unless it stopped delivering)."""
         with self._threads_lock:
+            if self._stopping.is_set():
+                return
             self._threads = [t for t in self._threads if t.is_alive()]
             while len(self._threads) < self.concurrency:
                 thread = threading.Thread(target=self._deliver_loop, name="local-task-delivery", daemon=True)
                 thread.start()
                 self._threads.append(thread)
 
+    def keep_delivering(self, watch_seconds: float = WATCH_SECONDS) -> None:
+        """Makes this process deliver the queue's tasks, whoever enqueued them, for as long as it lives.
+
+        A daemon thread checks every `watch_seconds` for a task that is due (or whose lease ran out)
+        and starts delivery threads when one is. Threads do not survive a fork: a server calls this
+        in each worker process, once that process is up.
+        """
+        with self._threads_lock:
+            self._stopping.clear()
+            if self._watcher is not None and self._watcher.is_alive():
+                return
+            self._watcher = threading.Thread(
+                target=self._watch, args=(watch_seconds,), name="local-task-watch", daemon=True
+            )
+            self._watcher.start()
+
+    def stop_delivery(self) -> None:
+        """Stops this process from starting attempts (a server shutting down). An attempt under way
+        finishes, or, if the process exits first, is made again elsewhere once its lease has run out."""
+        self._stopping.set()
+
+    def _watch(self, watch_seconds: float) -> None:
+        while not self._stopping.is_set():
+            try:
+                if self._has_due():
+                    self.start_delivery()
+            except Exception:  # a locked or unreadable database: look again at the next check
+                log.warning("could not check the task queue", exc_info=True)
+            self._stopping.wait(watch_seconds)
+
     def _deliver_loop(self) -> None:
         idle_since: float | None = None
-        while True:
-            claimed = self._claim()
-            if claimed is None:
-                if not self._has_pending():
-                    if idle_since is None:
+        while not self._stopping.is_set():
+            try:
+                claimed = self._claim()
+                if claimed is None:
+                    # Tasks leased by a live attempt elsewhere are not waited for here: if that
+                    # attempt's process dies, the watcher finds the task once its lease has run out.
+                    if self._has_unleased():
+                        idle_since = None
+                    elif idle_since is None:
                         idle_since = time.monotonic()
-                    elif time.monotonic() - idle_since > 2.0:
+                    elif time.monotonic() - idle_since > IDLE_SECONDS:
                         return
-                time.sleep(0.05)
-                continue
+                    time.sleep(0.05)
+                    continue
+            except Exception:  # the database is locked or unreadable: the watcher starts delivery again
+                log.warning("task delivery stopped", exc_info=True)
+                return
             idle_since = None
             self._deliver(*claimed)
 
-    def _has_pending(self) -> bool:
-        return bool(self.db.query("SELECT 1 FROM local_tasks WHERE state = 'pending' LIMIT 1"))
+    def _has_due(self) -> bool:
+        now = time.time()
+        return bool(
+            self.db.query(
+                "SELECT 1 FROM local_tasks WHERE state = 'pending' AND next_attempt_at <= ? AND lease_until <= ? LIMIT 1",
+                (now, now),
+            )
+        )
 
-    def _claim(self) -> tuple[str, str, bytes, int] | None:
+    def _has_unleased(self) -> bool:
+        return bool(
+            self.db.query("SELECT 1 FROM local_tasks WHERE state = 'pending' AND lease_until <= ? LIMIT 1", (time.time(),))
+        )
+
+    def _claim(self) -> tuple[str, str, bytes, int, float] | None:
+        """Starts an attempt at the next due task: returns its name, URL, body, earlier attempts and lease."""
         now = time.time()
         with self.db.transaction() as conn:
-            row = conn.execute(
-                "SELECT name, url, payload, attempts FROM local_tasks "
-                "WHERE state = 'pending' AND next_attempt_at <= ? AND lease_until <= ? ORDER BY next_attempt_at LIMIT 1",
-                (now, now),
-            ).fetchone()
-            if row is None:
-                return None
-            # The lease keeps other delivery threads (here or in other processes) off this task while it runs.
-            conn.execute(
-                "UPDATE local_tasks SET lease_until = ? WHERE name = ?", (now + self.request_timeout + 5, row["name"])
-            )
-        return row["name"], row["url"], row["payload"].encode(), int(row["attempts"])
+            while True:
+                row = conn.execute(
+                    "SELECT name, url, payload, attempts, lease_until FROM local_tasks "
+                    "WHERE state = 'pending' AND next_attempt_at <= ? AND lease_until <= ? ORDER BY next_attempt_at LIMIT 1",
+                    (now, now),
+                ).fetchone()
+                if row is None:
+                    return None
+                name, attempts = row["name"], int(row["attempts"])
+                if row["lease_until"] > 0:
+                    # The lease of an earlier attempt ran out unanswered: its deliverer died with it.
+                    log.warning("task attempt lost", extra={"task": name, "attempts": attempts})
+                    if attempts >= self.max_attempts:
+                        conn.execute(
+                            "UPDATE local_tasks SET state = 'failed', lease_until = 0, last_status = '0' WHERE name = ?",
+                            (name,),
+                        )
+                        log.error("task failed after its last attempt", extra={"task": name, "attempts": attempts, "status": 0})
+                        continue
+                # The lease keeps other delivery threads (here or in other processes) off this task while it runs.
+                lease = now + self.request_timeout + LEASE_GRACE_SECONDS
+                conn.execute(
+                    "UPDATE local_tasks SET attempts = attempts + 1, lease_until = ? WHERE name = ?", (lease, name)
+                )
+                return name, row["url"], row["payload"].encode(), attempts, lease
 
-    def _deliver(self, name: str, url: str, body: bytes, attempts: int) -> None:
+    def _deliver(self, name: str, url: str, body: bytes, attempts: int, lease: float) -> None:
         request = urllib.request.Request(
             url,
             data=body,
@@ -181,11 +265,11 @@ class LocalTaskQueue:
             },
         )
         try:
-            with urllib.request.urlopen(request, timeout=self.request_timeout) as response:
+            with urllib.request.urlopen(request, timeout=self.request_timeout) as response:  # nosec B310 # WORKER_URL: Settings admits http(s) only
                 status = response.status
         except urllib.error.HTTPError as exc:
             status = exc.code
-        except OSError as exc:
+        except OSError as exc:  # refused, reset, or no answer within the dispatch deadline
             status = 0
             log.warning("task delivery failed", extra={"task": name, "reason": str(exc)})
         attempts += 1
@@ -199,8 +283,11 @@ class LocalTaskQueue:
             next_at = time.time() + min(self.max_backoff, self.min_backoff * 2 ** (attempts - 1))
             log.warning("task will be retried", extra={"task": name, "attempts": attempts, "status": status})
         with self.db.transaction() as conn:
-            conn.execute(
-                "UPDATE local_tasks SET state = ?, attempts = ?, next_attempt_at = ?, lease_until = 0, last_status = ? "
-                "WHERE name = ?",
-                (state, attempts, next_at, str(status), name),
-            )
+            # Only while the lease is this attempt's: one that outlived it was taken over, and the newer attempt decides.
+            updated = conn.execute(
+                "UPDATE local_tasks SET state = ?, next_attempt_at = ?, lease_until = 0, last_status = ? "
+                "WHERE name = ? AND lease_until = ?",
+                (state, next_at, str(status), name, lease),
+            ).rowcount
+        if not updated:
+            log.warning("task attempt outlived its lease", extra={"task": name, "status": status})

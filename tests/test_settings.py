@@ -81,6 +81,7 @@ def test_model_refresh_zero_is_allowed() -> None:
         ("SERVER_WORKERS", "0"),
         ("MAX_REQUEST_BYTES", "10"),
         ("BATCH_CHUNK_SIZE", "10001"),
+        ("WORKER_URL", "file:///etc/passwd"),
     ],
 )
 def test_a_malformed_value_names_its_variable(name: str, value: str) -> None:

@@ -21,10 +21,11 @@ locals {
     TASKS_AUDIENCE        = "${local.function_url_prefix}batch-worker"
     TASKS_SERVICE_ACCOUNT = google_service_account.tasks.email
     # The worker's last-attempt logic must agree with the queue's retry_config (tasks.tf).
-    TASK_MAX_ATTEMPTS = tostring(local.task_retry.max_attempts)
-    METRICS           = "monitoring://${var.project_id}"
-    METRICS_LOCATION  = var.region
-    LOG_LEVEL         = var.log_level
+    TASK_MAX_ATTEMPTS              = tostring(local.task_retry.max_attempts)
+    TASK_DISPATCH_DEADLINE_SECONDS = tostring(local.task_retry.dispatch_deadline_seconds)
+    METRICS                        = "monitoring://${var.project_id}"
+    METRICS_LOCATION               = var.region
+    LOG_LEVEL                      = var.log_level
   }
 
   # Sizing, from what was measured on the unpacked bundle (tests/test_bundle.py, Python 3.11, x86_64):
@@ -82,7 +83,7 @@ locals {
     }
     batch_worker = {
       # A chunk of 200 takes about 1.5 s of one vCPU; the capacity plan counts on 100 such instances.
-      memory = "512Mi", cpu = "1", timeout = 300, concurrency = 1, min = 0, max = var.batch_worker_max_instances
+      memory = "512Mi", cpu = "1", timeout = local.task_retry.dispatch_deadline_seconds, concurrency = 1, min = 0, max = var.batch_worker_max_instances
       public = false
       env = {
         TASKS_AUTH                = "oidc"

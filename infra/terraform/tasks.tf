@@ -7,9 +7,12 @@ locals {
   # = 1 s after a failure, each later wait doubled, never more than 60 s (LocalTaskQueue's
   # max_backoff_seconds).
   task_retry = {
-    max_attempts        = 3
-    min_backoff_seconds = 1
-    max_backoff_seconds = 60
+    # How long one delivery may take (TASK_DISPATCH_DEADLINE_SECONDS, set on every task) and the
+    # batch_worker function's request timeout: the same, so the queue and Cloud Run cut an attempt together.
+    dispatch_deadline_seconds = 300
+    max_attempts              = 3
+    min_backoff_seconds       = 1
+    max_backoff_seconds       = 60
     # 1 s doubled 6 times is 64 s, past the 60 s cap: pure doubling up to the cap, no linear phase,
     # which is the code's min(60, 1 * 2^(n-1)).
     max_doublings = 6

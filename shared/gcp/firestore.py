@@ -142,6 +142,16 @@ def _translate(exc: BaseException, what: str) -> ServiceError | None:
     # raised from the last Aborted.
     if isinstance(exc, ValueError) and isinstance(exc.__cause__, google_errors.Aborted):
         return StoreUnavailable(f"Firestore is unavailable ({what}): too much contention: {exc.__cause__}")
+    if _transaction_lost(exc, google_errors.InvalidArgument):
+        return StoreUnavailable(f"Firestore is unavailable ({what}): the transaction was lost: {exc}")
+    # A transaction that fails is rolled back by the client, and the rollback's own failure replaces
+    # the first one, which stays the context: after an unreachable Firestore, "The transaction has no
+    # transaction ID, so it cannot be rolled back" (a ValueError, when the transaction could not even
+    # begin); after a restarted one, "Transaction is invalid or expired" (InvalidArgument).
+    if isinstance(exc, (ValueError, google_errors.GoogleAPICallError)):
+        for earlier in _context_chain(exc):
+            if isinstance(earlier, transient) or _transaction_lost(earlier, google_errors.InvalidArgument):
+                return StoreUnavailable(f"Firestore is unavailable ({what}): {earlier}")
     if isinstance(exc, google_errors.Conflict):
         return Conflict(f"Firestore refused {what}: the document already exists ({exc.message}).")
     # A raw gRPC failure can escape a streamed read unwrapped. (grpc ships no type stubs, hence
@@ -150,6 +160,25 @@ def _translate(exc: BaseException, what: str) -> ServiceError | None:
     if isinstance(exc, grpc.RpcError):
         return StoreUnavailable(f"Firestore is unavailable ({what}): {exc}")
     return None
+
+
+def _transaction_lost(exc: BaseException, invalid_argument: type[Exception]) -> bool:
+    """Whether Firestore no longer knows the transaction: it expired, or the server restarted since it
+    began (INVALID_ARGUMENT, "Transaction is invalid or expired" from the emulator, "The referenced
+    transaction has expired or is no longer valid" from Firestore). The operation, retried in a new
+    transaction, succeeds; other INVALID_ARGUMENTs (a transaction too big, say) are bugs."""
+    message = str(exc).lower()
+    return isinstance(exc, invalid_argument) and "transaction" in message and "expired" in message
+
+
+def _context_chain(exc: BaseException) -> Iterator[BaseException]:
+    """Yields the exceptions `exc` was raised from or while handling, nearest first."""
+    seen = {id(exc)}
+    current = exc.__cause__ or exc.__context__
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
 
 
 @contextmanager

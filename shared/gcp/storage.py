@@ -20,6 +20,12 @@ _clients_lock = threading.Lock()
 # Project the client names when talking to an emulator (which has no projects, but the client wants one).
 EMULATOR_PROJECT = "local"
 
+# How long a download retries in all before it fails as StoreUnavailable. Downloads load models, in the
+# request that finds the registry changed, while the loaded version keeps serving: a blip (a 503, a reset
+# connection) is ridden out in the client's first backoff steps (1, 2, 4 s), and an outage then costs that
+# request seconds, not the minute uploads may take (a publish is an operator's, with time to wait).
+DOWNLOAD_RETRY_SECONDS = 10.0
+
 
 def storage_client(emulator_host: str = "") -> Client:
     """Returns the process's Cloud Storage client for Google's endpoint, or for the emulator at that URL.
@@ -58,17 +64,27 @@ class GcsArtifactStore:
 
     Every upload is conditional on the object not existing (if_generation_match=0): a published
     file is never replaced, so what the registry's checksums describe cannot change under them.
-    `timeout` bounds each request and, with retries of transient failures, each whole operation.
+    `timeout` bounds each request and, with retries of transient failures, each whole upload;
+    `download_retry_seconds` (at most `timeout`) bounds each whole download.
     """
 
-    def __init__(self, bucket: str, prefix: str = "", *, emulator_host: str = "", timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        emulator_host: str = "",
+        timeout: float = 60.0,
+        download_retry_seconds: float = DOWNLOAD_RETRY_SECONDS,
+    ) -> None:
         if not bucket or "/" in bucket:
             raise ValueError(f"{bucket!r} is not a bucket name")
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.emulator_host = emulator_host
         self.timeout = timeout
-        self._handles: tuple[Bucket, Any] | None = None
+        self.download_retry_seconds = min(download_retry_seconds, timeout)
+        self._handles: tuple[Bucket, Any, Any] | None = None
 
     def __repr__(self) -> str:
         return f"GcsArtifactStore({self.uri_for('')!r})"
@@ -110,7 +126,7 @@ class GcsArtifactStore:
 
         name = self._object_name(key)
         uri = f"gs://{self.bucket}/{name}"
-        bucket, retry = self._bucket_and_retry()
+        bucket, retry, _ = self._bucket_and_retries()
         blob = bucket.blob(name)
         try:
             with self._translated("upload", uri):
@@ -137,7 +153,7 @@ class GcsArtifactStore:
         from google.api_core.exceptions import NotFound as GoogleNotFound
 
         name = self._name_of(uri)
-        bucket, retry = self._bucket_and_retry()
+        bucket, _, retry = self._bucket_and_retries()
         try:
             with self._translated("download", uri):
                 data: bytes = bucket.blob(name).download_as_bytes(timeout=self.timeout, retry=retry)
@@ -155,15 +171,19 @@ class GcsArtifactStore:
             return None
         return existing
 
-    def _bucket_and_retry(self) -> tuple[Bucket, Any]:
+    def _bucket_and_retries(self) -> tuple[Bucket, Any, Any]:
+        """Returns the bucket, the retry of uploads and the retry of downloads."""
         # Built on first use; two threads racing here build equal handles on the one shared client.
         if self._handles is None:
             from google.cloud.storage.retry import DEFAULT_RETRY
 
-            # The default retries for two minutes; a load or an upload that cannot reach Cloud Storage
-            # should fail within the store's timeout instead (the engine keeps serving meanwhile).
-            retry = DEFAULT_RETRY.with_timeout(self.timeout)
-            self._handles = (storage_client(self.emulator_host).bucket(self.bucket), retry)
+            # The default retries for two minutes; an upload that cannot reach Cloud Storage should fail
+            # within the store's timeout instead, a download (a model load) sooner (DOWNLOAD_RETRY_SECONDS).
+            self._handles = (
+                storage_client(self.emulator_host).bucket(self.bucket),
+                DEFAULT_RETRY.with_timeout(self.timeout),
+                DEFAULT_RETRY.with_timeout(self.download_retry_seconds),
+            )
         return self._handles
 
     @contextmanager

@@ -6,6 +6,7 @@ import json
 import logging
 import threading
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from datetime import timedelta
 from typing import TYPE_CHECKING, Sequence
 
 from shared.errors import StoreUnavailable, TaskTooLarge
@@ -52,7 +53,7 @@ class CloudTasksQueue:
     carries an OIDC token for it (audience: TASKS_AUDIENCE, else the task's URL), which Cloud Run and
     Cloud Functions check. The client is built on first use, once per instance; with an emulator host it
     talks plain gRPC to it, without credentials. Delivery (attempts, backoff, rate) is the queue's own
-    configuration, set where the queue is declared, not here.
+    configuration, set where the queue is declared, not here; each task carries its dispatch deadline.
     """
 
     def __init__(
@@ -64,6 +65,7 @@ class CloudTasksQueue:
         enqueue_width: int = ENQUEUE_WIDTH,
         timeout_seconds: float = CALL_TIMEOUT_SECONDS,
         retry_seconds: float = RETRY_SECONDS,
+        dispatch_deadline_seconds: int | None = None,
     ) -> None:
         if enqueue_width < 1:
             raise ValueError("enqueue_width must be at least 1")
@@ -74,6 +76,7 @@ class CloudTasksQueue:
         self.enqueue_width = enqueue_width
         self.timeout_seconds = timeout_seconds
         self.retry_seconds = retry_seconds
+        self.dispatch_deadline_seconds = dispatch_deadline_seconds
         self._client: tasks_v2.CloudTasksClient | None = None
         self._client_lock = threading.Lock()
 
@@ -184,10 +187,16 @@ class CloudTasksQueue:
             request.oidc_token = tasks_v2.OidcToken(
                 service_account_email=self.service_account, audience=self.audience or task.url
             )
-        return tasks_v2.Task(name=f"{self.queue_path}/tasks/{task.name}", http_request=request)
+        cloud_task = tasks_v2.Task(name=f"{self.queue_path}/tasks/{task.name}", http_request=request)
+        if self.dispatch_deadline_seconds is not None:
+            # How long Cloud Tasks waits for the worker's answer before it counts the attempt as failed and
+            # retries (TASK_DISPATCH_DEADLINE_SECONDS; Cloud Tasks' own default for HTTP tasks is 10 minutes).
+            cloud_task.dispatch_deadline = timedelta(seconds=self.dispatch_deadline_seconds)
+        return cloud_task
 
     def _create(self, client: tasks_v2.CloudTasksClient, retry: Retry, cloud_task: tasks_v2.Task) -> bool:
         from google.api_core import exceptions
+        from google.auth import exceptions as auth_errors
 
         try:
             client.create_task(parent=self.queue_path, task=cloud_task, retry=retry, timeout=self.timeout_seconds)
@@ -200,8 +209,18 @@ class CloudTasksQueue:
             # not for ever as the embedded queue does; a chunk enqueued again later is scored again,
             # harmlessly (assessment ids are deterministic).
             return False
-        except (exceptions.ServiceUnavailable, exceptions.DeadlineExceeded, exceptions.ResourceExhausted, exceptions.RetryError) as exc:
+        except (
+            exceptions.ServiceUnavailable,
+            exceptions.DeadlineExceeded,
+            exceptions.ResourceExhausted,
+            exceptions.InternalServerError,
+            exceptions.RetryError,
+            auth_errors.TransportError,
+        ) as exc:
             # ResourceExhausted is a quota (API requests per minute): waiting is the remedy, as for an outage.
+            # INTERNAL is what gRPC reports for a connection dropped in the middle of a call (RST_STREAM), and
+            # TransportError a failed fetch of the function's own access token (the metadata server out of
+            # reach): transient both, and a named task is safe to create again.
             raise StoreUnavailable(
                 f"The Cloud Tasks queue {self.queue_path} cannot be reached ({type(exc).__name__}); retry the dispatch.",
                 {"queue": self.queue_path},

@@ -1,14 +1,15 @@
 """The Firestore emulator from the Google Cloud CLI, run as its own Java process on a free port.
 
-`FirestoreEmulator` starts, resets and stops it anywhere (benchmarks too). The pytest fixtures run one
-per test session with FIRESTORE_EMULATOR_HOST naming it (restored after), and give each test an
-emptied database. The jar is started with Java directly, not through `gcloud emulators firestore
+`FirestoreEmulator` starts, resets, restarts and stops it anywhere (benchmarks too). The pytest
+fixtures run one per test session with FIRESTORE_EMULATOR_HOST naming it (restored after), and give
+each test an emptied database. The jar is started with Java directly, not through `gcloud emulators firestore
 start`, so that the process stopped at the end is the emulator itself and not a wrapper that leaves
 it running.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -86,7 +87,8 @@ class FirestoreEmulator:
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self) -> FirestoreEmulator:
+    def start(self, import_data: Path | None = None) -> FirestoreEmulator:
+        """Starts the emulator (empty, or with the documents of an export: an `.overall_export_metadata` file)."""
         java = shutil.which("java")
         if java is None:
             raise EmulatorNotInstalled("Java is not installed (the Firestore emulator runs on it)")
@@ -99,6 +101,7 @@ class FirestoreEmulator:
             [
                 java, *JVM_OPTIONS, "-Duser.language=en", "-cp", str(jar), MAIN_CLASS, "start",
                 "--host=127.0.0.1", f"--port={self.port}",
+                *([f"--import-data={import_data}"] if import_data is not None else []),
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -132,6 +135,31 @@ class FirestoreEmulator:
         )
         with urllib.request.urlopen(request, timeout=30) as response:
             response.read()
+
+    def export(self, folder: Path) -> Path:
+        """Exports every document of the project's default database into `folder` (the emulator's documented
+        export endpoint); returns the export's metadata file, which start(import_data=...) reads."""
+        body = json.dumps({"database": f"projects/{self.project}/databases/(default)", "export_directory": str(folder)})
+        request = urllib.request.Request(
+            f"http://{self.host}/emulator/v1/projects/{self.project}:export",
+            data=body.encode(), method="POST", headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            response.read()
+        return next(folder.rglob("*.overall_export_metadata"))
+
+    def restart(self) -> None:
+        """Stops the emulator and starts it again on the same port with the documents it held.
+
+        The emulator keeps documents in memory only, so a plain restart would come back empty, which
+        Firestore never does: the documents are exported just before the stop and imported at the start.
+        Whatever reaches the emulator between the export and the stop is lost, so callers keep the
+        service away from it meanwhile (tests/emulators/relay.py).
+        """
+        with tempfile.TemporaryDirectory(prefix="firestore-export-") as folder:
+            metadata = self.export(Path(folder))
+            self.stop()
+            self.start(import_data=metadata)
 
     def output(self) -> str:
         """Returns what the emulator printed so far."""

@@ -1,9 +1,10 @@
 """The Cloud Storage emulator (gcp-storage-emulator, in process and in memory), recording every request it receives.
 
-`StorageEmulator` starts and stops it anywhere (benchmarks too); the pytest fixtures run one per test
-session, point STORAGE_EMULATOR_HOST at it, and give each test an empty prefix of its bucket. The
-emulator ignores generation preconditions (it overwrites whatever `ifGenerationMatch` says), so tests
-check the preconditions the service sends by reading the recorded requests instead.
+`StorageEmulator` starts and stops it anywhere (benchmarks too), and interrupts and resumes it keeping
+its objects (an outage); the pytest fixtures run one per test session, point STORAGE_EMULATOR_HOST at
+it, and give each test an empty prefix of its bucket. The emulator ignores generation preconditions
+(it overwrites whatever `ifGenerationMatch` says), so tests check the preconditions the service sends
+by reading the recorded requests instead.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import threading
 import uuid
 from dataclasses import dataclass
 from functools import partial
-from http.server import HTTPServer
-from typing import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Callable, Iterator
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -65,6 +66,7 @@ class StorageEmulator:
         self._lock = threading.Lock()
         self._httpd: HTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._handler: Callable[..., BaseHTTPRequestHandler] | None = None
 
     def start(self) -> StorageEmulator:
         from gcp_storage_emulator.handlers import buckets
@@ -82,14 +84,19 @@ class StorageEmulator:
 
         storage = Storage(use_memory_fs=True)
         buckets.create_bucket(self.bucket, storage)
+        self._handler = partial(RecordingHandler, storage)
+        self._serve()
+        return self
+
+    def _serve(self) -> None:
         # The emulator's own server class, but built here so that its handler can record: one request
         # at a time, as the emulator serves them (its storage is not written for concurrent handlers).
-        self._httpd = HTTPServer(("127.0.0.1", self.port), partial(RecordingHandler, storage))
+        assert self._handler is not None
+        self._httpd = HTTPServer(("127.0.0.1", self.port), self._handler)
         self.port = int(self._httpd.server_address[1])
         self.url = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="storage-emulator", daemon=True)
         self._thread.start()
-        return self
 
     def stop(self) -> None:
         if self._httpd is not None:
@@ -99,6 +106,18 @@ class StorageEmulator:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+
+    def interrupt(self) -> None:
+        """Stops serving: the port refuses connections, as when Cloud Storage cannot be reached. The
+        objects stay in memory for resume(), as Cloud Storage keeps them through an outage."""
+        self.stop()
+
+    def resume(self) -> None:
+        """Serves the same objects on the same port again after interrupt()."""
+        if self._handler is None:
+            raise RuntimeError("the storage emulator was never started")
+        if self._httpd is None:
+            self._serve()
 
     def __enter__(self) -> StorageEmulator:
         return self.start()
