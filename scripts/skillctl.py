@@ -21,9 +21,9 @@ from urllib.parse import urlparse
 from typing import Any, Mapping
 
 from scripts.command_line import HelpFormatter
-from shared.errors import ConfigError, ServiceError
+from shared.errors import ConfigError, ServiceError, ValidationError
 from shared.publishing import AlreadyPublished, publish_version
-from shared.registry import CANARY_ABORT, HistoryEvent, ModelRegistry, Rollout, listing, percent
+from shared.registry import CANARY_ABORT, HistoryEvent, ModelRegistry, Rollout, check_rollout_steps, listing, percent
 from shared.services import Services
 from shared.settings import PROJECT_ROOT, Settings
 
@@ -110,7 +110,9 @@ def cmd_rollback(services: Services, args: argparse.Namespace) -> int:
 
 def cmd_canary_start(services: Services, args: argparse.Namespace) -> int:
     skill = services.catalog.skill(args.skill).skill
-    event = services.registry.start_canary(skill, args.version, args.traffic, actor=args.actor, reason=args.reason)
+    event = services.registry.start_canary(
+        skill, args.version, args.traffic, steps=args.steps or (), actor=args.actor, reason=args.reason
+    )
     return _report(services.registry, skill, event, args, "nothing changed.")
 
 
@@ -138,13 +140,30 @@ def cmd_canary_status(services: Services, args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"skills": [r.to_dict() for r in rollouts]})
         return 0
-    print(f"{'skill':<20}{'production':<20}{'since':<27}{'canary':<20}{'since':<27}last change")
+    print(f"{'skill':<20}{'production':<20}{'since':<27}{'canary':<20}{'since':<27}{'next step':<11}last change")
     for rollout in rollouts:
         print(
             f"{rollout.skill:<20}{_serving(rollout.production):<20}{rollout.production_since or '-':<27}"
-            f"{_serving(rollout.canary):<20}{rollout.canary_since or '-':<27}{_last_change(rollout.last_change)}"
+            f"{_serving(rollout.canary):<20}{rollout.canary_since or '-':<27}{_next_step(rollout):<11}"
+            f"{_last_change(rollout.last_change)}"
         )
     return 0
+
+
+def _next_step(rollout: Rollout) -> str:
+    step = rollout.next_step()
+    return "-" if step is None else percent(step)
+
+
+def rollout_steps(value: str) -> list[float]:
+    """Parses --steps `5,25,50,100` (percent of students) into shares of traffic; argparse reports a bad value."""
+    try:
+        steps = [float(part) / 100.0 for part in value.split(",") if part.strip()]
+        return list(check_rollout_steps(steps))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be increasing percents ending at 100, e.g. 5,25,50,100; got {value!r}") from None
+    except ValidationError as exc:
+        raise argparse.ArgumentTypeError(f"{exc.problems[0]['problem']}; got {value!r}") from None
 
 
 def _serving(version: Any) -> str:
@@ -394,6 +413,9 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     p = command(
         sub, "canary", "run a new version on a share of traffic beside production",
         details="start SKILL VERSION --traffic T   the version takes T (0 < T < 1) of the students\n"
+        "start SKILL VERSION --steps 5,25,50,100\n"
+        "                                  a gradual rollout: each passing canary check moves it to the next\n"
+        "                                  step, the last one promotes it; a tripped guardrail aborts it\n"
         "set SKILL --traffic T             change the canary's share\n"
         "promote SKILL                     the canary becomes production at 100%; the old production is archived\n"
         "abort SKILL                       the canary is archived; production takes 100% back\n"
@@ -401,10 +423,16 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     )
     canary = p.add_subparsers(dest="canary_command", required=True, metavar="ACTION")
     q = command(canary, "start", "start a canary: VERSION takes a share of traffic from production", change, output,
-                details="Refused if a canary already runs: one at a time.")
+                details="Refused if a canary already runs: one at a time. Give --traffic, or --steps for a gradual rollout.")
     q.add_argument("skill", help=SKILL_HELP)
     q.add_argument("version", help=VERSION_HELP)
-    q.add_argument("--traffic", type=float, required=True, help="share of students the canary scores, 0 < T < 1")
+    share = q.add_mutually_exclusive_group(required=True)
+    share.add_argument("--traffic", type=float, help="share of students the canary scores, 0 < T < 1")
+    share.add_argument(
+        "--steps", type=rollout_steps, metavar="P,P,...,100",
+        help="gradual rollout: percents of students, increasing to 100; starts at the first, and each passing "
+        "canary check (POST /tasks/canary-check) moves to the next, the last promoting the canary",
+    )
     q.set_defaults(run=cmd_canary_start)
     q = command(canary, "set", "change the running canary's share of traffic", change, output)
     q.add_argument("skill", help=SKILL_HELP)

@@ -6,7 +6,7 @@ import builtins
 import json
 import re
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from shared.clock import now_iso
 from shared.errors import Conflict, NotFound, ValidationError
@@ -97,16 +97,21 @@ class Transition:
     version: str
     before: VersionState | None
     after: VersionState
+    plan: tuple[float, ...] = ()  # a gradual rollout's traffic steps, set when a canary starts with them
 
     def describe(self) -> str:
-        return f"{self.version}: {self.before.describe() if self.before else 'new'} -> {self.after.describe()}"
+        steps = f" (steps {', '.join(percent(s) for s in self.plan)})" if self.plan else ""
+        return f"{self.version}: {self.before.describe() if self.before else 'new'} -> {self.after.describe()}{steps}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "version": self.version,
             "before": asdict(self.before) if self.before else None,
             "after": asdict(self.after),
         }
+        if self.plan:
+            data["plan"] = list(self.plan)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Transition:
@@ -116,6 +121,7 @@ class Transition:
             version=data["version"],
             before=VersionState(before["stage"], float(before["traffic"])) if before else None,
             after=VersionState(after["stage"], float(after["traffic"])),
+            plan=tuple(float(s) for s in data.get("plan") or ()),
         )
 
 
@@ -192,14 +198,20 @@ def _keep(version: ModelVersion, stage: str, traffic: float) -> StageChange:
     return StageChange(stage, traffic, version.promoted_at, version.promotion_seq)
 
 
-def transitions(stored: list[ModelVersion], changes: Mapping[str, StageChange]) -> tuple[Transition, ...]:
-    """Returns the stage or traffic moves `changes` makes to the stored versions, oldest version first."""
+def transitions(
+    stored: list[ModelVersion], changes: Mapping[str, StageChange], plans: Mapping[str, tuple[float, ...]] | None = None
+) -> tuple[Transition, ...]:
+    """Returns the stage or traffic moves `changes` makes to the stored versions, oldest version first,
+    each with the rollout plan `plans` gives its version."""
     moves = []
     for version in stored:
         change = changes.get(version.version)
         if change is not None and (change.stage, change.traffic) != (version.stage, version.traffic):
             moves.append(
-                Transition(version.version, VersionState(version.stage, version.traffic), VersionState(change.stage, change.traffic))
+                Transition(
+                    version.version, VersionState(version.stage, version.traffic), VersionState(change.stage, change.traffic),
+                    (plans or {}).get(version.version, ()),
+                )
             )
     return tuple(moves)
 
@@ -245,6 +257,13 @@ class Rollout:
     canary: ModelVersion | None
     canary_since: str | None
     last_change: HistoryEvent | None
+    canary_plan: tuple[float, ...] = ()  # the canary's traffic steps when it rolls out gradually
+
+    def next_step(self) -> float | None:
+        """Returns the canary's next share of traffic in its plan (1.0: promotion), or None without a plan."""
+        if self.canary is None or not self.canary_plan:
+            return None
+        return next((step for step in self.canary_plan if step > self.canary.traffic + 1e-9), 1.0)
 
     def to_dict(self) -> dict[str, Any]:
         def serving(version: ModelVersion | None, since: str | None) -> dict[str, Any] | None:
@@ -254,6 +273,8 @@ class Rollout:
             "skill": self.skill,
             "production": serving(self.production, self.production_since),
             "canary": serving(self.canary, self.canary_since),
+            "canary_plan": list(self.canary_plan),
+            "canary_next_step": self.next_step(),
             "last_change": self.last_change.to_dict() if self.last_change else None,
         }
 
@@ -265,6 +286,7 @@ class _Step:
     action: str
     changes: dict[str, StageChange]
     note: str | None = None
+    plans: dict[str, tuple[float, ...]] = field(default_factory=dict)  # a rollout plan set for a version
 
 
 Rule = Callable[[list[ModelVersion]], _Step]
@@ -325,7 +347,20 @@ class ModelRegistry:
                         return event.at
             return version.promoted_at if version.stage == "production" else None
 
-        return Rollout(skill, production, since(production), canary, since(canary), events[-1] if events else None)
+        def plan(version: ModelVersion | None) -> tuple[float, ...]:
+            # The plan is set by the canary's start: the last event that moved this version into canary.
+            if version is None:
+                return ()
+            for event in reversed(events):
+                for move in event.changes:
+                    started = move.before is None or move.before.stage != "canary"
+                    if move.version == version.version and move.after.stage == "canary" and started:
+                        return move.plan
+            return ()
+
+        return Rollout(
+            skill, production, since(production), canary, since(canary), events[-1] if events else None, plan(canary)
+        )
 
     def serving(self) -> dict[str, list[ModelVersion]]:
         """Returns, per skill with any, the versions that serve traffic: production first, then a canary."""
@@ -425,16 +460,59 @@ class ModelRegistry:
         return self._change(skill, lambda stored: _to_shelf(stored, skill, version, "archived"), actor, reason)
 
     def start_canary(
-        self, skill: str, version: str, traffic: float, *, actor: str, reason: str | None = None
+        self, skill: str, version: str, traffic: float | None = None, *, steps: Sequence[float] = (), actor: str,
+        reason: str | None = None,
     ) -> HistoryEvent | None:
-        """Starts a canary: `version` takes `traffic` (0 < traffic < 1) from production.
+        """Starts a canary: `version` takes `traffic` (0 < traffic < 1) from production. With `steps` (a
+        gradual rollout: increasing shares ending at 1.0, e.g. 0.05, 0.25, 0.5, 1.0) it starts at the first
+        step, each passing canary check moves it to the next (`advance_canary`), and the last promotes it.
 
-        Raises ValidationError for the traffic; NotFound; Conflict if a canary already runs (one at a
-        time: set its traffic, promote it or abort it), if no other version is in production, or if
+        Raises ValidationError for the traffic or steps; NotFound; Conflict if a canary already runs (one
+        at a time: set its traffic, promote it or abort it), if no other version is in production, or if
         the version is still being published.
         """
-        _check_canary_traffic(traffic)
-        return self._change(skill, lambda stored: _start_canary(stored, skill, version, traffic), actor, reason)
+        plan = check_rollout_steps(steps, traffic) if steps else ()
+        first = plan[0] if plan else traffic
+        if first is None:
+            raise ValidationError([{"field": "traffic", "problem": "a canary needs a share of traffic, or steps"}])
+        share: float = first
+        _check_canary_traffic(share)
+
+        def rule(stored: list[ModelVersion]) -> _Step:
+            step = _start_canary(stored, skill, version, share)
+            return replace(step, plans={version: plan}) if plan else step
+
+        return self._change(skill, rule, actor, reason)
+
+    def advance_canary(self, skill: str, version: str, *, actor: str, reason: str | None = None) -> HistoryEvent | None:
+        """Moves the canary `version` of a gradual rollout to its plan's next step; the last step promotes
+        it. Raises Conflict if `version` is not the running canary, it has no plan, or it changed meanwhile."""
+        rollout = self.status(skill)
+        if rollout.canary is None or rollout.canary.version != version:
+            raise Conflict(f"{skill} {version} is not the running canary, so it cannot advance.")
+        next_step = rollout.next_step()
+        if next_step is None:
+            raise Conflict(f"The canary {skill} {version} was started without steps; promote it with `canary promote {skill}`.")
+        target: float = next_step
+        seen = rollout.canary.traffic
+        position = f"step {rollout.canary_plan.index(target) + 1} of {len(rollout.canary_plan)}" if target in rollout.canary_plan else "last step"
+
+        def rule(stored: list[ModelVersion]) -> _Step:
+            production, canary = _running_canary(stored, skill, "advance it")
+            if canary.version != version or canary.traffic != seen:
+                raise Conflict(f"The canary of {skill} changed while it was being advanced; nothing was changed.")
+            if target >= 1.0:
+                return replace(_promote_canary(stored, production, canary), note=f"{position} of a gradual rollout: promoted")
+            return _Step(
+                CANARY_TRAFFIC,
+                {
+                    canary.version: _keep(canary, "canary", target),
+                    production.version: _keep(production, "production", round(1.0 - target, 6)),
+                },
+                f"{position} of a gradual rollout: {percent(target)}",
+            )
+
+        return self._change(skill, rule, actor, reason)
 
     def set_canary_traffic(self, skill: str, traffic: float, *, actor: str, reason: str | None = None) -> HistoryEvent | None:
         """Gives the running canary `traffic` (0 < traffic < 1) and production the rest. Raises
@@ -537,7 +615,7 @@ class ModelRegistry:
             if step.changes:
                 event = HistoryEvent(
                     skill=skill, at=now_iso(), action=step.action, actor=actor, reason=reason or None,
-                    changes=transitions(stored, step.changes), note=step.note,
+                    changes=transitions(stored, step.changes, step.plans), note=step.note,
                 )
             written[0] = event  # decide runs again when a transaction retries: the last run is what commits
             return Decision(step.changes, event)
@@ -565,6 +643,24 @@ def _registered(record: ModelVersion, action: str, actor: str, reason: str | Non
         skill=record.skill, at=record.created_at, action=action, actor=actor, reason=reason or None,
         changes=(Transition(record.version, None, VersionState(record.stage, record.traffic)),), note=note,
     )
+
+
+def check_rollout_steps(steps: Sequence[float], traffic: float | None = None) -> tuple[float, ...]:
+    """Returns a gradual rollout's steps as shares of traffic; raises ValidationError unless they increase,
+    each within (0, 1], the last is 1.0 (promotion), and `traffic`, if given, is the first."""
+    plan = tuple(round(float(s), 6) for s in steps)
+    problem = None
+    if len(plan) < 2:
+        problem = "a gradual rollout needs at least two steps, the last one 100%"
+    elif any(not 0.0 < s <= 1.0 for s in plan) or any(b <= a for a, b in zip(plan, plan[1:])):
+        problem = "steps must increase, each above 0% and at most 100%"
+    elif plan[-1] != 1.0:
+        problem = "the last step must be 100% (it promotes the canary)"
+    elif traffic is not None and traffic != plan[0]:
+        problem = f"traffic {percent(traffic)} differs from the first step {percent(plan[0])}: give one of them"
+    if problem:
+        raise ValidationError([{"field": "steps", "problem": problem}])
+    return plan
 
 
 def _check_canary_traffic(traffic: float) -> None:
@@ -765,7 +861,7 @@ class SqliteRegistryBackend:
                 raise Conflict(f"Skill {version.skill!r} already has version {version.version!r}.")
             columns = ", ".join(row)
             conn.execute(
-                f"INSERT INTO model_versions ({columns}) VALUES ({', '.join('?' for _ in row)})", list(row.values())
+                f"INSERT INTO model_versions ({columns}) VALUES ({', '.join('?' for _ in row)})", list(row.values())  # nosec B608 # columns: ModelVersion's field names; values bound
             )
             if event is not None:
                 _append(conn, event)

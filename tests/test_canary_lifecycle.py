@@ -149,6 +149,62 @@ def test_a_second_canary_is_refused_and_the_message_says_how_to_end_the_first(re
     assert stages(registry) == before and registry.history(SKILL) == history
 
 
+def test_a_gradual_rollout_advances_step_by_step_and_its_last_step_promotes(registry: ModelRegistry) -> None:
+    started = registry.start_canary(SKILL, "1.1.0", steps=(0.05, 0.25, 0.5, 1.0), actor=ALICE, reason="new features")
+    assert stages(registry)["1.1.0"] == ("canary", 0.05) and stages(registry)["1.0.0"] == ("production", 0.95)
+    assert started is not None and started.changes[-1].plan == (0.05, 0.25, 0.5, 1.0)
+    assert "steps 5%, 25%, 50%, 100%" in started.describe()
+    status = registry.status(SKILL)
+    assert (status.canary_plan, status.next_step()) == ((0.05, 0.25, 0.5, 1.0), 0.25)
+
+    shares = []
+    for _ in range(2):
+        event = registry.advance_canary(SKILL, "1.1.0", actor="canary-check", reason="every guardrail passed")
+        assert event is not None and event.action == CANARY_TRAFFIC
+        shares.append(stages(registry)["1.1.0"])
+    assert shares == [("canary", 0.25), ("canary", 0.5)]
+    assert registry.status(SKILL).canary_plan == (0.05, 0.25, 0.5, 1.0)  # the plan outlives the re-weightings
+
+    promoted = registry.advance_canary(SKILL, "1.1.0", actor="canary-check", reason="every guardrail passed")
+    assert promoted is not None and promoted.action == CANARY_PROMOTE and "step 4 of 4" in (promoted.note or "")
+    assert stages(registry) == {"1.0.0": ("archived", 0.0), "1.1.0": ("production", 1.0), "1.2.0": ("staging", 0.0)}
+    history = registry.history(SKILL)
+    assert [e.action for e in history[-4:]] == [CANARY_START, CANARY_TRAFFIC, CANARY_TRAFFIC, CANARY_PROMOTE]
+    assert [e.actor for e in history[-4:]] == [ALICE, "canary-check", "canary-check", "canary-check"]
+    assert history[-4].changes[-1].plan == (0.05, 0.25, 0.5, 1.0)  # the plan is stored with the start
+
+
+def test_an_operator_re_weighting_a_gradual_rollout_moves_it_to_the_step_after_its_share(registry: ModelRegistry) -> None:
+    registry.start_canary(SKILL, "1.1.0", steps=(0.1, 0.5, 1.0), actor=ALICE)
+    registry.set_canary_traffic(SKILL, 0.3, actor="bob")
+    assert registry.status(SKILL).next_step() == 0.5
+    registry.advance_canary(SKILL, "1.1.0", actor="canary-check")
+    assert stages(registry)["1.1.0"] == ("canary", 0.5)
+
+
+def test_advancing_refuses_a_canary_without_steps_or_another_version(registry: ModelRegistry) -> None:
+    registry.start_canary(SKILL, "1.1.0", 0.1, actor=ALICE)
+    with pytest.raises(Conflict, match="without steps"):
+        registry.advance_canary(SKILL, "1.1.0", actor="canary-check")
+    with pytest.raises(Conflict, match="not the running canary"):
+        registry.advance_canary(SKILL, "1.2.0", actor="canary-check")
+    registry.abort_canary(SKILL, actor=ALICE)
+    with pytest.raises(Conflict):
+        registry.advance_canary(SKILL, "1.1.0", actor="canary-check")
+    assert registry.status(SKILL).canary is None
+
+
+@pytest.mark.parametrize(
+    "steps, traffic",
+    [((0.05,), None), ((0.5, 0.25, 1.0), None), ((0.05, 0.5), None), ((0.0, 1.0), None), ((0.1, 1.5), None), ((0.1, 1.0), 0.2)],
+)
+def test_rollout_steps_must_increase_to_100_percent(registry: ModelRegistry, steps: tuple[float, ...], traffic: float | None) -> None:
+    with pytest.raises(ValidationError) as refused:
+        registry.start_canary(SKILL, "1.1.0", traffic, steps=steps, actor=ALICE)
+    assert refused.value.problems[0]["field"] == "steps"
+    assert registry.status(SKILL).canary is None and actions(registry) == SETUP_ACTIONS
+
+
 @pytest.mark.parametrize("traffic", [0.0, 1.0, 1.5, -0.1, math.nan])
 def test_canary_traffic_must_be_strictly_between_0_and_1(registry: ModelRegistry, traffic: float) -> None:
     with pytest.raises(ValidationError):

@@ -166,6 +166,16 @@ def test_nightly_and_drift_default_to_the_local_stack_on_its_port(tmp_path: Path
     assert build_parser(Settings.from_env({})).parse_args(["nightly"]).url == "http://127.0.0.1:8080"
 
 
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://127.0.0.1/", "127.0.0.1:8080"])
+def test_a_url_that_is_not_http_is_a_usage_error(tmp_path: Path, url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = build_parser(Settings.from_env({"DATABASE_URL": str(tmp_path / "db.sqlite3")}))
+    for command in ("nightly", "drift"):
+        with pytest.raises(SystemExit) as exited:
+            parser.parse_args([command, "--url", url])
+        assert exited.value.code == 2
+        assert "must be an http:// or https:// URL" in capsys.readouterr().err
+
+
 # -- publishing -----------------------------------------------------------------------------------------
 
 
@@ -365,12 +375,29 @@ def test_history_shows_who_when_why_and_before_and_after(skillctl: Run, in_produ
 def test_canary_status_of_every_skill(skillctl: Run, in_production: Any) -> None:
     skillctl("canary", "start", SKILL, "1.1.0", "--traffic", "0.1", "--actor", "alice").ok()
     lines = skillctl("canary", "status").ok().splitlines()
-    assert lines[0].split() == ["skill", "production", "since", "canary", "since", "last", "change"]
+    assert lines[0].split() == ["skill", "production", "since", "canary", "since", "next", "step", "last", "change"]
     rows = {line.split()[0]: line for line in lines[1:]}
     assert len(rows) == 7
     assert rows[SKILL].split()[1:3] == ["1.0.0", "(90%)"] and rows[SKILL].split()[4:6] == ["1.1.0", "(10%)"]
+    assert rows[SKILL].split()[7] == "-"  # started without steps: no next step
     assert "canary.start by alice" in rows[SKILL]
-    assert rows["creativity"].split()[1:] == ["-", "-", "-", "-", "-"]
+    assert rows["creativity"].split()[1:] == ["-", "-", "-", "-", "-", "-"]
+
+
+def test_a_canary_started_with_steps_shows_its_plan_and_next_step(skillctl: Run, in_production: Any) -> None:
+    started = skillctl("canary", "start", SKILL, "1.1.0", "--steps", "5,25,50,100", "--actor", "alice").ok()
+    assert "  1.1.0: staging -> canary 5% (steps 5%, 25%, 50%, 100%)" in started.splitlines()
+    row = next(line for line in skillctl("canary", "status").ok().splitlines() if line.startswith(SKILL))
+    assert row.split()[4:8] == ["1.1.0", "(5%)", row.split()[6], "25%"]
+    status = skillctl("canary", "status", SKILL, "--json").json()["skills"][0]
+    assert (status["canary_plan"], status["canary_next_step"]) == ([0.05, 0.25, 0.5, 1.0], 0.25)
+    assert history(skillctl)[-1]["changes"][-1]["plan"] == [0.05, 0.25, 0.5, 1.0]
+
+
+@pytest.mark.parametrize("steps", ["5", "50,25,100", "5,25,50", "0,100", "5,lots,100", "5,150"])
+def test_steps_that_do_not_increase_to_100_are_a_usage_error(skillctl: Run, steps: str) -> None:
+    result = skillctl("canary", "start", SKILL, "1.1.0", "--steps", steps)
+    assert result.code == 2 and "--steps" in result.err, result.err
 
 
 def test_the_actor_defaults_to_the_os_user(skillctl: Run, in_production: Any) -> None:
@@ -420,7 +447,8 @@ def test_usage_errors_exit_2(skillctl: Run) -> None:
         ("promote", SKILL),
         ("frobnicate",),
         ("canary",),
-        ("canary", "start", SKILL, "1.1.0"),  # --traffic is required
+        ("canary", "start", SKILL, "1.1.0"),  # --traffic or --steps is required
+        ("canary", "start", SKILL, "1.1.0", "--traffic", "0.1", "--steps", "10,100"),  # not both
         ("canary", "set", SKILL, "--traffic", "lots"),
     ):
         result = skillctl(*args)
