@@ -14,8 +14,8 @@ import flask
 from shared import batch, canary, drift
 from shared.api import endpoint, log_fields, read_json
 from shared.engine import parse_inference_request
-from shared.errors import ValidationError
 from shared.registry import listing
+from shared.request_fields import SKILL_NAME, TASK_ATTEMPT, header_integer, parameter
 from shared.services import get_services
 
 
@@ -45,24 +45,31 @@ def list_models(request: flask.Request) -> Any:
     skill = request.args.get("skill")
     if skill is None:
         skills = services.catalog.names
-    elif not skill:
-        raise ValidationError([{"field": "skill", "problem": "must be a skill name when given"}])
     else:
-        skills = [services.catalog.skill(skill).skill]
+        skills = [services.catalog.skill(parameter("skill", skill, SKILL_NAME)).skill]
     return {"skills": listing(services.registry, skills)}
 
 
 @endpoint("GET")
 def healthz(request: flask.Request) -> Any:
-    """GET /healthz: 200 with the serving version per skill, 503 if any skill has no loadable model; a canary
-    that cannot be loaded is named under `canary_problems` (its share is served by production)."""
+    """GET /healthz: 200 with the serving version per skill, 503 if any skill has no loadable model.
+
+    Problems that leave every skill served answer 200 `degraded`, so that a probe never takes away an
+    instance that serves: a newer production version that failed to load (`refresh_problems`, the
+    older version serving meanwhile) and a canary that cannot be loaded (`canary_problems`, production
+    serving its share)."""
     engine = get_services().engine
     versions, problems = engine.status()
+    unserved = {skill: why for skill, why in problems.items() if skill not in versions}
+    stale = {skill: why for skill, why in problems.items() if skill in versions}
     canary_problems = engine.canary_problems()
-    extra = {"canary_problems": canary_problems} if canary_problems else {}
-    if problems:
-        return {"status": "unavailable", "models": versions, "problems": problems, **extra}, 503
-    return {"status": "ok", "models": versions, **extra}
+    extra = {
+        **({"refresh_problems": stale} if stale else {}),
+        **({"canary_problems": canary_problems} if canary_problems else {}),
+    }
+    if unserved:
+        return {"status": "unavailable", "models": versions, "problems": unserved, **extra}, 503
+    return {"status": "degraded" if extra else "ok", "models": versions, **extra}
 
 
 @endpoint("POST")
@@ -93,9 +100,10 @@ def batch_worker(request: flask.Request) -> Any:
     services = get_services()
     body = read_json(request, services.settings.max_batch_request_bytes)
     run_id, chunk, student_ids = batch.parse_chunk_request(body)
-    attempt = request.headers.get("X-CloudTasks-TaskRetryCount", "0")
+    # Set by Cloud Tasks, informational: a malformed value counts as a first attempt rather than failing the task.
+    attempt = header_integer(request.headers.get("X-CloudTasks-TaskRetryCount"), TASK_ATTEMPT, 0)
     log_fields(run_id=run_id, chunk=chunk, task=request.headers.get("X-CloudTasks-TaskName"), attempt=attempt)
-    return batch.score_chunk(services, run_id, chunk, student_ids, int(attempt) if attempt.isascii() and attempt.isdigit() else 0)
+    return batch.score_chunk(services, run_id, chunk, student_ids, attempt)
 
 
 @endpoint("GET")
@@ -128,7 +136,7 @@ def canary_check(request: flask.Request) -> Any:
     """POST /tasks/canary-check (Cloud Scheduler): compares each running canary with production; aborts one that trips a guardrail."""
     services = get_services()
     body = read_json(request, services.settings.max_request_bytes, allow_empty=True)
-    minutes, days, skills = canary.parse_canary_check_request(body)
+    minutes, days, skills = canary.parse_canary_check_request(body, services.catalog.names)
     check = canary.run_canary_check(services, window_minutes=minutes, window_days=days, skills=skills)
     log_fields(decisions={s["skill"]: s["decision"] for s in check["skills"]})
     return check

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -16,9 +15,10 @@ import numpy as np
 from shared.assessments import Assessment
 from shared.clock import now_iso
 from shared.engine import InferenceRequest, in_canary, parse_inference_request
-from shared.errors import ModelUnavailable, NotFound, PayloadTooLarge, ServiceError, StoreUnavailable, ValidationError
-from shared.feature_store import ScoredMarker, StudentFeatures, is_student_id
+from shared.errors import ModelUnavailable, NotFound, PayloadTooLarge, ServiceError, StoreUnavailable
+from shared.feature_store import ScoredMarker, StudentFeatures
 from shared.profiles import chunk_parts
+from shared.request_fields import CHUNK, CHUNK_STUDENT_IDS, RUN_ID, RequestFields, parameter
 from shared.runs import Chunk, Run
 from shared.services import Services
 from shared.skill_model import SkillModel, confidence_from_probability
@@ -26,14 +26,12 @@ from shared.tasks import Task
 
 log = logging.getLogger(__name__)
 
-RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
-MAX_CHUNK_STUDENTS = 10_000
-# Chunk numbers are six digits in task names; the cap also keeps a caller's integer within what the stores hold.
-MAX_CHUNK_NUMBER = 999_999
 WRITE_BATCH = 500  # Firestore's limit of writes per batch; the SQLite store takes it whole
 
 
 # -- ad-hoc batch endpoint --------------------------------------------------------------------------
+
+BATCH_FIELDS = frozenset({"items"})
 
 
 def infer_batch(services: Services, body: Any) -> dict[str, Any]:
@@ -43,11 +41,9 @@ def infer_batch(services: Services, body: Any) -> dict[str, Any]:
     envelope (not an object, no items), PayloadTooLarge for more than MAX_BATCH_ITEMS items.
     """
     limit = services.settings.max_batch_items
-    if not isinstance(body, dict):
-        raise ValidationError([{"field": "body", "problem": "must be a JSON object with an items array"}])
-    items = body.get("items")
-    if not isinstance(items, list) or not items:
-        raise ValidationError([{"field": "items", "problem": f"must be an array of 1 to {limit} infer requests"}])
+    fields = RequestFields(body, BATCH_FIELDS, "must be a JSON object with an items array")
+    items = fields.array("items", f"must be an array of 1 to {limit} infer requests")
+    fields.done()
     if len(items) > limit:
         # Too much in one request is the envelope's size, not a malformed field: the contract's 413.
         raise PayloadTooLarge(
@@ -62,7 +58,7 @@ def infer_batch(services: Services, body: Any) -> dict[str, Any]:
             positions.append(index)
         except ServiceError as exc:
             results[index] = _item_error(index, item, exc)
-    for index, request, outcome in zip(positions, parsed, services.engine.infer_many(parsed)):
+    for index, outcome in zip(positions, services.engine.infer_many(parsed)):
         if isinstance(outcome, ServiceError):
             results[index] = _item_error(index, items[index], outcome)
         else:
@@ -140,21 +136,17 @@ def serving_versions(services: Services) -> dict[str, RunVersions]:
     return result
 
 
+NIGHTLY_FIELDS = frozenset({"full", "run_id"})
+
+
 def parse_nightly_request(body: Any) -> tuple[bool, str | None]:
-    """Returns (full, run_id) from the dispatcher's optional body; raises ValidationError."""
+    """Returns (full, run_id) from the dispatcher's optional body; raises ValidationError naming each bad field."""
     if body is None:
         return False, None
-    if not isinstance(body, dict):
-        raise ValidationError([{"field": "body", "problem": "must be a JSON object"}])
-    problems = []
-    full = body.get("full", False)
-    if not isinstance(full, bool):
-        problems.append({"field": "full", "problem": "must be true or false"})
-    run_id = body.get("run_id")
-    if run_id is not None and (not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id)):
-        problems.append({"field": "run_id", "problem": "must be 1 to 100 letters, digits, '-' or '_'"})
-    if problems:
-        raise ValidationError(problems)
+    fields = RequestFields(body, NIGHTLY_FIELDS)
+    full = fields.boolean("full")
+    run_id = fields.optional_text("run_id", RUN_ID)
+    fields.done()
     return full, run_id
 
 
@@ -245,8 +237,10 @@ def failure_summary(chunks: Iterable[Chunk]) -> dict[str, Any]:
 
 
 def run_status(services: Services, run_id: str) -> dict[str, Any]:
-    """Returns a run's progress, and once it has failures, their summary; raises NotFound."""
-    run = services.runs.get(run_id) if RUN_ID.fullmatch(run_id) else None
+    """Returns a run's progress, and once it has failures, their summary; raises ValidationError for a malformed
+    run id (the path parameter `run_id`), NotFound for an unknown one."""
+    parameter("run_id", run_id, RUN_ID)
+    run = services.runs.get(run_id)
     if run is None:
         raise NotFound(f"No batch run {run_id!r}.")
     status = run.to_dict()
@@ -258,27 +252,17 @@ def run_status(services: Services, run_id: str) -> dict[str, Any]:
 # -- chunk worker -----------------------------------------------------------------------------------
 
 
+CHUNK_FIELDS = frozenset({"run_id", "chunk", "student_ids"})
+
+
 def parse_chunk_request(body: Any) -> tuple[str, int, list[str]]:
-    """Returns (run_id, chunk, student_ids) of a worker task; raises ValidationError."""
-    if not isinstance(body, dict):
-        raise ValidationError([{"field": "body", "problem": "must be a JSON object"}])
-    problems = []
-    run_id, chunk, student_ids = body.get("run_id"), body.get("chunk"), body.get("student_ids")
-    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
-        problems.append({"field": "run_id", "problem": "must be 1 to 100 letters, digits, '-' or '_'"})
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or not 0 <= chunk <= MAX_CHUNK_NUMBER:
-        problems.append({"field": "chunk", "problem": f"must be an integer from 0 to {MAX_CHUNK_NUMBER}"})
-    if (
-        not isinstance(student_ids, list)
-        or len(student_ids) > MAX_CHUNK_STUDENTS
-        or not all(is_student_id(s) for s in student_ids)
-    ):
-        problems.append(
-            {"field": "student_ids", "problem": f"must be an array of up to {MAX_CHUNK_STUDENTS} student ids"}
-        )
-    if problems:
-        raise ValidationError(problems)
-    return run_id, chunk, student_ids  # type: ignore[return-value]
+    """Returns (run_id, chunk, student_ids) of a worker task; raises ValidationError naming each bad field."""
+    fields = RequestFields(body, CHUNK_FIELDS)
+    run_id = fields.text("run_id", RUN_ID)
+    chunk = fields.integer("chunk", CHUNK)
+    student_ids = fields.texts("student_ids", CHUNK_STUDENT_IDS)
+    fields.done()
+    return run_id, chunk, student_ids
 
 
 def feature_matrix(
@@ -317,6 +301,8 @@ def score_chunk(
     run = services.runs.get(run_id)
     if run is None:
         raise NotFound(f"No batch run {run_id!r}.")
+    if chunk >= run.tasks_total:  # a chunk the run does not have would write assessments it never counts
+        raise NotFound(f"Batch run {run_id!r} has no chunk {chunk}: its chunks are 0 to {run.tasks_total - 1}.")
     try:
         models = _run_models(services, run.models)
         return _score_chunk(services, run_id, chunk, student_ids, attempt, started, models)

@@ -12,11 +12,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from shared.drift import gather_window
+from shared.drift import gather_window, unknown_skills_problem
 from shared.drift_statistics import fisher_z_difference, pearson
 from shared.errors import Conflict
+from shared.registry import CANARY_PROMOTE
 from shared.metrics import REQUEST_COUNT, REQUEST_LATENCY, Distribution, MetricsReader, TimeSeriesData, open_metrics_reader
 from shared.profiles import PREDICTION, model_profile, utc_day
+from shared.request_fields import CANARY_SKILLS, WINDOW_DAYS, WINDOW_MINUTES, RequestFields
 from shared.services import Services
 from shared.settings import Settings
 from shared.skill_model import SkillModel
@@ -72,7 +74,10 @@ def run_canary_check(
 ) -> dict[str, Any]:
     """Compares each running canary (of `skills`, default all) with production over the window (minutes,
     or days; default one day) and decides per skill. With `act`, a rollback decision aborts the canary
-    through the registry (actor `canary-check`, the reasons as reason), so the history records it.
+    through the registry (actor `canary-check`, the reasons as reason), so the history records it; and a
+    promote decision on a gradual rollout (a canary started with steps) moves it to its next step, the
+    last step promoting it. A promote decision on a canary without steps changes nothing: promoting it
+    is the operator's call.
 
     Returns {"window", "guardrails", "skills": [...]}. A metrics reader of None means the service's own
     (open_metrics_reader); when there is none, error rate and latency are not judged and the check holds.
@@ -97,9 +102,12 @@ def run_canary_check(
             continue
         result = compare(services, deployment.production, deployment.canary, window, guardrails, reader)
         result["canary_traffic"] = rollout.canary.traffic
+        result["canary_plan"] = list(rollout.canary_plan)
         result["action"] = None
         if act and result["decision"] == ROLLBACK:
             result["action"] = _abort(services, skill, result["reasons"])
+        elif act and result["decision"] == PROMOTE and rollout.canary_plan:
+            result["action"] = _advance(services, skill, rollout.canary.version, result["reasons"])
         log.log(
             logging.WARNING if result["decision"] == ROLLBACK else logging.INFO,
             f"canary check: {result['decision']}",
@@ -120,6 +128,16 @@ def _abort(services: Services, skill: str, reasons: list[str]) -> str:
         return "already_ended"
     services.engine.refresh(force=True)
     return "aborted"
+
+
+def _advance(services: Services, skill: str, version: str, reasons: list[str]) -> str:
+    """Moves a gradual rollout to its next step after a passing check; returns `advanced` or `promoted`."""
+    try:
+        event = services.registry.advance_canary(skill, version, actor=ACTOR, reason="; ".join(reasons))
+    except Conflict:  # promoted, aborted or moved by an operator meanwhile: the next check decides again
+        return "changed_meanwhile"
+    services.engine.refresh(force=True)
+    return "promoted" if event is not None and event.action == CANARY_PROMOTE else "advanced"
 
 
 def compare(
@@ -321,26 +339,25 @@ def _iso(moment: datetime) -> str:
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def parse_canary_check_request(body: Any) -> tuple[int | None, int | None, list[str] | None]:
-    """Returns (window_minutes, window_days, skills) from the check's optional body; raises ValidationError."""
-    from shared.errors import ValidationError
+CANARY_CHECK_FIELDS = frozenset({"window_minutes", "window_days", "skills"})
 
+
+def parse_canary_check_request(
+    body: Any, skill_names: Sequence[str]
+) -> tuple[int | None, int | None, list[str] | None]:
+    """Returns (window_minutes, window_days, skills) from the check's optional body; raises ValidationError naming
+    each bad field (a skill the catalog, `skill_names`, does not have is one)."""
     if body is None:
         return None, None, None
-    if not isinstance(body, dict):
-        raise ValidationError([{"field": "body", "problem": "must be a JSON object"}])
-    problems = []
-    minutes, days, skills = body.get("window_minutes"), body.get("window_days"), body.get("skills")
-    if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, int) or not 1 <= minutes <= 129_600):
-        problems.append({"field": "window_minutes", "problem": "must be an integer from 1 to 129600"})
-    if days is not None and (isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= 90):
-        problems.append({"field": "window_days", "problem": "must be an integer from 1 to 90"})
+    fields = RequestFields(body, CANARY_CHECK_FIELDS)
+    minutes = fields.optional_integer("window_minutes", WINDOW_MINUTES)
+    days = fields.optional_integer("window_days", WINDOW_DAYS)
     if minutes is not None and days is not None:
-        problems.append({"field": "window_minutes", "problem": "give window_minutes or window_days, not both"})
-    if skills is not None and (not isinstance(skills, list) or not all(isinstance(s, str) for s in skills)):
-        problems.append({"field": "skills", "problem": "must be an array of skill names"})
-    if problems:
-        raise ValidationError(problems)
-    return minutes, days, skills
+        fields.add("window_minutes", "give window_minutes or window_days, not both")
+    skills = fields.optional_texts("skills", CANARY_SKILLS)
+    if skills and (unknown := [s for s in dict.fromkeys(skills) if s not in skill_names]):
+        fields.add("skills", unknown_skills_problem(unknown, skill_names))
+    fields.done()
+    return minutes, days, list(dict.fromkeys(skills)) if skills is not None else None
 
 

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 import numpy as np
 
 from shared.drift_statistics import ks_two_sample, pearson, pearson_ci95, psi, spearman
-from shared.errors import NotFound, ValidationError
+from shared.errors import NotFound
 from shared.profiles import PREDICTION, ModelProfile, model_profile, sum_parts, utc_day
+from shared.request_fields import CHECK_ID, DRIFT_SKILLS, WINDOW_DAYS, RequestFields, parameter
 from shared.sqlite import SqliteDatabase
 
 if TYPE_CHECKING:
@@ -22,8 +23,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_WINDOW_DAYS = 90
-CHECK_ID_LENGTH = 64
 MAX_RATED_STUDENTS = 5_000  # students whose latest assessment is read for the teacher correlation
 REPORT_PREFIX = "drift-reports/"
 
@@ -97,24 +96,28 @@ class SqliteDriftCheckStore:
         return json.loads(rows[0]["body"]) if rows else None
 
 
+DRIFT_FIELDS = frozenset({"window_days", "skills"})
+
+
 def parse_drift_request(body: Any, skill_names: Sequence[str], default_window_days: int) -> tuple[int, list[str]]:
     """Returns (window_days, skills) from the check's optional body; raises ValidationError naming the field."""
     if body is None:
         return default_window_days, list(skill_names)
-    if not isinstance(body, dict):
-        raise ValidationError([{"field": "body", "problem": "must be a JSON object"}])
-    problems = []
-    window = body.get("window_days", default_window_days)
-    if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= MAX_WINDOW_DAYS:
-        problems.append({"field": "window_days", "problem": f"must be an integer from 1 to {MAX_WINDOW_DAYS}"})
-    skills = body.get("skills", list(skill_names))
-    if not isinstance(skills, list) or not skills or not all(isinstance(s, str) for s in skills):
-        problems.append({"field": "skills", "problem": "must be a non-empty array of skill names"})
-    elif unknown := [s for s in skills if s not in skill_names]:
-        problems.append({"field": "skills", "problem": f"unknown skills {unknown[:5]}; known: {', '.join(skill_names)}"})
-    if problems:
-        raise ValidationError(problems)
-    return window, list(dict.fromkeys(skills))
+    fields = RequestFields(body, DRIFT_FIELDS)
+    window = fields.optional_integer("window_days", WINDOW_DAYS)
+    skills = fields.optional_texts("skills", DRIFT_SKILLS)
+    if skills and (unknown := [s for s in dict.fromkeys(skills) if s not in skill_names]):
+        fields.add("skills", unknown_skills_problem(unknown, skill_names))
+    fields.done()
+    return (
+        window if window is not None else default_window_days,
+        list(dict.fromkeys(skills)) if skills is not None else list(skill_names),
+    )
+
+
+def unknown_skills_problem(unknown: Sequence[str], skill_names: Sequence[str]) -> str:
+    """Returns the problem of a `skills` list naming skills the catalog does not have."""
+    return f"unknown skills {list(unknown[:5])}; known: {', '.join(skill_names)}"
 
 
 def window_days(days: int, now: datetime) -> list[str]:
@@ -261,13 +264,13 @@ def _publish(services: Services, check: dict[str, Any]) -> None:
 
 
 def get_check(services: Services, check_id: str) -> dict[str, Any]:
-    """Returns a stored check (`latest` for the most recent); raises NotFound."""
+    """Returns a stored check (`latest` for the most recent); raises ValidationError for a malformed check id (the
+    path parameter `check_id`), NotFound for an unknown one."""
+    parameter("check_id", check_id, CHECK_ID)
     if check_id == "latest":
         found = services.drift_checks.latest()
-    elif len(check_id) <= CHECK_ID_LENGTH and check_id.replace("-", "").isalnum():
-        found = services.drift_checks.get(check_id)
     else:
-        found = None
+        found = services.drift_checks.get(check_id)
     if found is None:
         raise NotFound(f"No drift check {check_id!r}." if check_id != "latest" else "No drift check has run yet.")
     return found

@@ -13,11 +13,11 @@ import numpy as np
 
 from shared.artifacts import ArtifactStore
 from shared.catalog import SkillCatalog
-from shared.errors import ModelUnavailable, ServiceError, StoreUnavailable, UnknownSkill, ValidationError
-from shared.feature_store import MAX_STUDENT_ID_LENGTH, is_student_id
+from shared.errors import ModelUnavailable, ServiceError, StoreUnavailable, UnknownSkill
 from shared.features import PreparedFeatures
 from shared.profiles import ServingProfiler
 from shared.registry import ModelRegistry, ModelVersion
+from shared.request_fields import SKILL_NAME, STUDENT_ID, RequestFields
 from shared.skill_model import SkillModel, confidence_from_probability
 
 log = logging.getLogger(__name__)
@@ -34,32 +34,40 @@ class InferenceRequest:
     explain: bool = False
 
 
+INFER_FIELDS = frozenset({"student_id", "skill", "features", "explain"})
+FEATURES_PROBLEM = "must be an object of feature name to number"
+
+
 def parse_inference_request(body: Any, catalog: SkillCatalog) -> InferenceRequest:
     """Returns the request a JSON body describes.
 
-    Raises ValidationError naming each malformed field, then UnknownSkill if the skill is not in the catalog.
-    Feature values are checked later, against the serving model's schema.
+    Raises ValidationError naming each malformed or unknown field, then UnknownSkill if the skill is not in
+    the catalog. Feature values are checked later, against the serving model's schema.
     """
-    if not isinstance(body, dict):
-        raise ValidationError([{"field": "body", "problem": "must be a JSON object"}])
-    problems: list[dict[str, str]] = []
-    student_id = body.get("student_id")
-    if not is_student_id(student_id):
-        problems.append({"field": "student_id", "problem": f"must be a UTF-8 string of 1 to {MAX_STUDENT_ID_LENGTH} characters"})
-    skill = body.get("skill")
-    if not isinstance(skill, str) or not skill:
-        problems.append({"field": "skill", "problem": "must be a non-empty string"})
-    features = body.get("features")
-    if not isinstance(features, dict):
-        problems.append({"field": "features", "problem": "must be an object of feature name to number"})
-    explain = body.get("explain", False)
-    if not isinstance(explain, bool):
-        problems.append({"field": "explain", "problem": "must be true or false"})
-    if problems:
-        raise ValidationError(problems)
-    if skill not in catalog:
-        raise UnknownSkill(str(skill), catalog.names)
-    return InferenceRequest(student_id, str(skill), features, explain)  # type: ignore[arg-type]
+    if type(body) is dict:
+        # The common request, accepted by the same rules without collecting problems: this runs on every
+        # online request and on every batch item. A catalog skill is a valid skill name, and the three
+        # required fields being present, a fourth member can only be `explain`.
+        student_id, skill, features, explain = (
+            body.get("student_id"), body.get("skill"), body.get("features"), body.get("explain")
+        )
+        if (
+            STUDENT_ID.accepts(student_id)
+            and type(skill) is str
+            and skill in catalog
+            and type(features) is dict
+            and (explain is None or explain is False or explain is True)
+            and len(body) == 3 + ("explain" in body)
+        ):
+            return InferenceRequest(student_id, skill, features, explain is True)
+    fields = RequestFields(body, INFER_FIELDS)
+    fields.text("student_id", STUDENT_ID)
+    skill = fields.text("skill", SKILL_NAME)
+    fields.mapping("features", FEATURES_PROBLEM)
+    fields.boolean("explain")
+    fields.done()
+    # Every field is well formed, so what kept the request off the common path is its skill.
+    raise UnknownSkill(skill, catalog.names)
 
 
 BUCKETS = 10_000
@@ -95,11 +103,27 @@ def _key(record: ModelVersion) -> tuple[str, str, str]:
     return (record.skill, record.version, record.sha256)
 
 
+# A version whose artifacts could not be fetched (the store unreachable) is tried again after a wait that
+# doubles from the refresh interval up to this: each attempt holds the request that made it for the store's
+# deadline, so an outage must not cost one such request per worker and interval.
+MAX_FETCH_BACKOFF_SECONDS = 300.0
+
+
+@dataclass(frozen=True)
+class _FetchFailure:
+    """A version whose artifacts the store could not deliver: why, and when to try again."""
+
+    reason: str
+    retry_at: float
+    delay: float
+
+
 class InferenceEngine:
     """Serves predictions from the registry's serving versions, loaded once and swapped in atomically.
 
     The registry is consulted at most every `refresh_seconds`; a new version is loaded and swapped in
-    without failing a request, and a version that fails to load leaves the old one serving.
+    without failing a request, and a version that fails to load leaves the old one serving (and is
+    tried again at the next check, or, if its store could not be reached, after a doubling wait).
     """
 
     def __init__(
@@ -125,6 +149,7 @@ class InferenceEngine:
         self._load_errors: dict[str, str] = {}
         self._canary_errors: dict[str, str] = {}
         self._failed: dict[tuple[str, str, str], str] = {}
+        self._unfetched: dict[tuple[str, str, str], _FetchFailure] = {}
         self._next_check = 0.0
         self._loaded_once = False
         self._refresh_lock = threading.Lock()
@@ -141,13 +166,13 @@ class InferenceEngine:
             return
         try:
             if force or self._clock() >= self._next_check:
-                self._sync()
+                self._sync(force)
         finally:
             self._next_check = self._clock() + self.refresh_seconds
             self._loaded_once = True
             self._refresh_lock.release()
 
-    def _sync(self) -> None:
+    def _sync(self, force: bool = False) -> None:
         try:
             serving = self.registry.serving()
         except StoreUnavailable as exc:
@@ -159,22 +184,30 @@ class InferenceEngine:
             }
             return
         loaded = {_key(m.record): m for d in self._deployments.values() for m in d.models()}
-        self._failed = {}  # a version that failed to load is retried at the next check
+        # A version that failed to load is retried at the next check; one whose store could not be reached,
+        # after its backoff (a forced check, which a batch worker makes for its run's versions, tries at once).
+        self._failed = {}
+        if force:
+            self._unfetched = {}
         deployments: dict[str, Deployment] = {}
         errors: dict[str, str] = {}
         canary_errors: dict[str, str] = {}
+        wanted: set[tuple[str, str, str]] = set()
         for spec in self.catalog:
             records = serving.get(spec.skill, [])
             production = next((r for r in records if r.stage == "production"), None)
             canary = next((r for r in records if r.stage == "canary"), None)
+            wanted.update(_key(r) for r in (production, canary) if r is not None)
             if production is None:
                 errors[spec.skill] = "no version is in production"
                 continue
             prod_model = self._model(loaded, production)
             if prod_model is None:
                 errors[spec.skill] = self._failed[_key(production)]
-                if spec.skill in self._deployments:
-                    deployments[spec.skill] = self._deployments[spec.skill]
+                previous = self._deployments.get(spec.skill)
+                if previous is not None:
+                    deployments[spec.skill] = previous
+                    errors[spec.skill] += f" (version {previous.production.version} keeps serving)"
                 continue
             canary_model = self._model(loaded, canary) if canary else None
             if canary is not None and canary_model is None:
@@ -184,12 +217,17 @@ class InferenceEngine:
         self._deployments = deployments  # one reference swap: readers see the old or the new set, never a mix
         self._load_errors = errors
         self._canary_errors = canary_errors
+        self._unfetched = {key: failure for key, failure in self._unfetched.items() if key in wanted}
 
     def _model(self, loaded: dict[tuple[str, str, str], SkillModel], record: ModelVersion) -> SkillModel | None:
         key = _key(record)
         if key in loaded:
             return loaded[key]
         if key in self._failed:
+            return None
+        unfetched = self._unfetched.get(key)
+        if unfetched is not None and self._clock() < unfetched.retry_at:
+            self._failed[key] = unfetched.reason
             return None
         started = time.perf_counter()
         try:
@@ -198,11 +236,17 @@ class InferenceEngine:
             )
         except Exception as exc:  # any failure to load must leave the old version serving
             self._failed[key] = f"version {record.version} failed to load: {exc}"
+            retry_in = None
+            if isinstance(exc, StoreUnavailable):
+                delay = max(self.refresh_seconds, 1.0) if unfetched is None else unfetched.delay * 2
+                retry_in = min(delay, MAX_FETCH_BACKOFF_SECONDS)
+                self._unfetched[key] = _FetchFailure(self._failed[key], self._clock() + retry_in, retry_in)
             log.error(
                 "model failed to load; keeping the loaded version",
-                extra={"skill": record.skill, "model_version": record.version, "reason": str(exc)},
+                extra={"skill": record.skill, "model_version": record.version, "reason": str(exc), "retry_in_seconds": retry_in},
             )
             return None
+        self._unfetched.pop(key, None)
         log.info(
             "model loaded",
             extra={

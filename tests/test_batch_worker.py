@@ -101,3 +101,14 @@ def test_a_worker_never_scores_a_run_with_an_older_version_it_still_holds(servic
     with pytest.raises(ModelUnavailable, match="cannot load the run's model versions"):
         batch.score_chunk(services, "stale", 0, ids)
     assert services.assessments.count("stale") == 0
+
+
+def test_a_chunk_number_its_run_does_not_have_is_not_found_and_writes_nothing(client, services: Services) -> None:
+    ensure_demo_students(services, 5)
+    ids = [s.student_id for s in services.features.scan()]
+    _run(services, "one-chunk", ids)
+    response = client.post("/tasks/batch-worker", json={"run_id": "one-chunk", "chunk": 1, "student_ids": ids})
+    assert response.status_code == 404, response.json
+    assert response.json["error"]["code"] == "not_found" and "no chunk 1" in response.json["error"]["message"]
+    assert all(services.assessments.latest(s) == [] for s in ids)
+    assert services.runs.get("one-chunk").tasks_done == 0
