@@ -303,6 +303,12 @@ def score_chunk(
         raise NotFound(f"No batch run {run_id!r}.")
     if chunk >= run.tasks_total:  # a chunk the run does not have would write assessments it never counts
         raise NotFound(f"Batch run {run_id!r} has no chunk {chunk}: its chunks are 0 to {run.tasks_total - 1}.")
+    recorded = services.runs.chunk(run_id, chunk)
+    if recorded is not None and recorded.done:
+        # Delivered again after its result was recorded (delivery is at least once; an attempt whose
+        # deliverer died is made again): the assessments are stored, so scoring again would only cost.
+        log.info("chunk already done", extra={"run_id": run_id, "chunk": chunk})
+        return {"scored": recorded.scored, "failed": len(recorded.failed)}
     try:
         models = _run_models(services, run.models)
         return _score_chunk(services, run_id, chunk, student_ids, attempt, started, models)

@@ -75,6 +75,10 @@ class RunStore(Protocol):
     def chunks(self, run_id: str) -> list[Chunk]:
         ...
 
+    def chunk(self, run_id: str, chunk: int) -> Chunk | None:
+        """Returns one chunk of the run (done or not), or None if the run has no such chunk."""
+        ...
+
     def record_chunk(self, run_id: str, chunk: int, scored: int, failed: Sequence[dict[str, Any]]) -> Run:
         """Sets a chunk's result (replacing an earlier attempt's) and returns the run's updated totals."""
         ...
@@ -150,10 +154,11 @@ class SqliteRunStore:
 
     def chunks(self, run_id: str) -> list[Chunk]:
         rows = self.db.query("SELECT * FROM batch_run_chunks WHERE run_id = ? ORDER BY chunk", (run_id,))
-        return [
-            Chunk(r["run_id"], r["chunk"], json.loads(r["student_ids"]), bool(r["done"]), r["scored"], json.loads(r["failed"]))
-            for r in rows
-        ]
+        return [_chunk_from_row(r) for r in rows]
+
+    def chunk(self, run_id: str, chunk: int) -> Chunk | None:
+        rows = self.db.query("SELECT * FROM batch_run_chunks WHERE run_id = ? AND chunk = ?", (run_id, chunk))
+        return _chunk_from_row(rows[0]) if rows else None
 
     def record_chunk(self, run_id: str, chunk: int, scored: int, failed: Sequence[dict[str, Any]]) -> Run:
         with self.db.transaction() as conn:
@@ -172,3 +177,7 @@ class SqliteRunStore:
         if run is None:
             raise NotFound(f"No batch run {run_id!r}.")
         return run
+
+
+def _chunk_from_row(r: Any) -> Chunk:
+    return Chunk(r["run_id"], r["chunk"], json.loads(r["student_ids"]), bool(r["done"]), r["scored"], json.loads(r["failed"]))

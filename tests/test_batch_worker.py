@@ -112,3 +112,20 @@ def test_a_chunk_number_its_run_does_not_have_is_not_found_and_writes_nothing(cl
     assert response.json["error"]["code"] == "not_found" and "no chunk 1" in response.json["error"]["message"]
     assert all(services.assessments.latest(s) == [] for s in ids)
     assert services.runs.get("one-chunk").tasks_done == 0
+
+
+def test_a_chunk_delivered_again_after_it_is_done_is_not_scored_again(services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    ensure_demo_students(services, 5)
+    ids = [s.student_id for s in services.features.scan()]
+    _run(services, "twice", ids)
+    first = batch.score_chunk(services, "twice", 0, ids)
+    stored = {a.id: a for s in ids for a in services.assessments.latest(s)}
+
+    def no_scoring(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a done chunk was scored again")
+
+    monkeypatch.setattr(batch, "_score_chunk", no_scoring)
+    assert batch.score_chunk(services, "twice", 0, ids) == first == {"scored": 5, "failed": 0}
+    assert {a.id: a for s in ids for a in services.assessments.latest(s)} == stored
+    run = services.runs.get("twice")
+    assert run is not None and (run.tasks_done, run.students_scored) == (1, 5)

@@ -555,6 +555,18 @@ def test_record_chunk_of_a_chunk_the_run_does_not_have_changes_nothing(stores: S
     assert [c.chunk for c in stores.runs.chunks("run-1")] == [0, 1]
 
 
+def test_one_chunk_is_read_with_its_result_once_recorded(stores: Stores) -> None:
+    run, chunks = new_run(chunks=2)
+    stores.runs.create(run, chunks)
+    assert stores.runs.chunk("run-1", 1) == chunks[1] and not chunks[1].done
+    failed = [{"student_id": chunks[1].student_ids[0], "reason": "bad features", "skills": {"leadership": "bad features"}}]
+    stores.runs.record_chunk("run-1", 1, 3, failed)
+    recorded = stores.runs.chunk("run-1", 1)
+    assert recorded is not None and (recorded.done, recorded.scored, recorded.failed) == (True, 3, failed)
+    assert recorded.student_ids == chunks[1].student_ids
+    assert stores.runs.chunk("run-1", 2) is None and stores.runs.chunk("no-such-run", 0) is None
+
+
 # -- profile store ------------------------------------------------------------------------------------------
 
 

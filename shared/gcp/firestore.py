@@ -843,6 +843,12 @@ class FirestoreRunStore:
                 if len(page) < PAGE_SIZE:
                     return result
 
+    def chunk(self, run_id: str, chunk: int) -> Chunk | None:
+        """Returns one chunk of the run by a point read of its document; None if the run has no such chunk."""
+        with _store_errors(f"reading chunk {chunk} of run {run_id}"):
+            snapshot = self._chunks(run_id).document(f"{chunk:06d}").get(**self.db.rpc)
+            return _chunk(run_id, _data(snapshot)) if snapshot.exists else None
+
     def record_chunk(self, run_id: str, chunk: int, scored: int, failed: Sequence[dict[str, Any]]) -> Run:
         """Sets the chunk's result in its own document (replacing an earlier attempt's, keeping the
         time it first finished) and returns the run's totals; raises NotFound for an unknown run."""
