@@ -35,6 +35,7 @@ class Guardrails:
 
     max_error_ratio: float = 2.0  # canary error rate over production's
     max_p99_ratio: float = 1.5  # canary p99 latency over production's
+    min_p99_increase_ms: float = 5.0  # and by at least this much: below it a ratio of sub-millisecond p99s is noise
     max_psi: float = 0.25  # PSI of the canary's scores against production's
     alpha: float = 0.05  # one-sided level of "r with teachers significantly worse"
     min_requests: int = 100  # requests per version before error rate and latency are judged
@@ -161,17 +162,7 @@ def compare(
             f"(at least {guardrails.min_requests} each)"
         )
     else:
-        # A production without errors still has a rate of at most one in its requests: the floor keeps
-        # the ratio finite without letting a single canary error trip it on small numbers.
-        baseline = max(p["error_rate"], 1.0 / p["requests"])
-        if c["error_rate"] > guardrails.max_error_ratio * baseline:
-            tripped.append(
-                f"error rate {c['error_rate']:.4f} is over {guardrails.max_error_ratio}x production's {p['error_rate']:.4f}"
-            )
-        if c["latency_p99_ms"] > guardrails.max_p99_ratio * p["latency_p99_ms"]:
-            tripped.append(
-                f"p99 latency {c['latency_p99_ms']:.1f} ms is over {guardrails.max_p99_ratio}x production's {p['latency_p99_ms']:.1f} ms"
-            )
+        tripped.extend(request_guardrails(p, c, guardrails))
 
     # The score distribution and the agreement with teachers, from serving profiles and assessments.
     days = window.days()
@@ -269,6 +260,28 @@ def _cdf(edges: np.ndarray, counts: np.ndarray, at: np.ndarray) -> np.ndarray:
         return np.zeros(len(at))
     cumulative = np.concatenate([[0.0], np.cumsum(counts)]) / total
     return np.interp(at, edges, cumulative)
+
+
+def request_guardrails(production: dict[str, Any], canary: dict[str, Any], guardrails: Guardrails) -> list[str]:
+    """Returns why the canary's error rate or p99 latency trips a guardrail against production's (empty: neither)."""
+    p, c = production, canary
+    tripped = []
+    # A production without errors still has a rate of at most one in its requests: the floor keeps
+    # the ratio finite without letting a single canary error trip it on small numbers.
+    baseline = max(p["error_rate"], 1.0 / p["requests"])
+    if c["error_rate"] > guardrails.max_error_ratio * baseline:
+        tripped.append(
+            f"error rate {c['error_rate']:.4f} is over {guardrails.max_error_ratio}x production's {p['error_rate']:.4f}"
+        )
+    # Both the ratio and an absolute increase: at a p99 of about a millisecond, one scheduling pause
+    # doubles it, and a rollback for that would be a false alarm.
+    p99, limit = c["latency_p99_ms"], p["latency_p99_ms"]
+    if p99 > guardrails.max_p99_ratio * limit and p99 - limit >= guardrails.min_p99_increase_ms:
+        tripped.append(
+            f"p99 latency {p99:.1f} ms is over {guardrails.max_p99_ratio}x production's {limit:.1f} ms "
+            f"and {p99 - limit:.1f} ms more (at least {guardrails.min_p99_increase_ms:g} ms counts)"
+        )
+    return tripped
 
 
 # -- reading the request metrics --------------------------------------------------------------------

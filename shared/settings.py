@@ -77,6 +77,7 @@ class Settings:
     operator: str
     canary_max_error_ratio: float
     canary_max_p99_ratio: float
+    canary_min_p99_increase_ms: float
     canary_max_psi: float
     canary_alpha: float
     canary_min_requests: int
@@ -160,6 +161,7 @@ class Settings:
             # Canary guardrails: a check that finds one tripped aborts the canary.
             canary_max_error_ratio=reader.number("CANARY_MAX_ERROR_RATIO", 2.0, float, minimum=1.0),
             canary_max_p99_ratio=reader.number("CANARY_MAX_P99_RATIO", 1.5, float, minimum=1.0),
+            canary_min_p99_increase_ms=reader.number("CANARY_MIN_P99_INCREASE_MS", 5.0, float, minimum=0.0),
             canary_max_psi=reader.number("CANARY_MAX_PSI", 0.25, float, minimum=0.0),
             canary_alpha=reader.number("CANARY_ALPHA", 0.05, float, minimum=0.0, maximum=0.5),
             canary_min_requests=reader.number("CANARY_MIN_REQUESTS", 100, int, minimum=1),

@@ -14,7 +14,7 @@ import requests
 
 from functions.local_server import create_app
 from shared import batch
-from shared.canary import ACTOR, Guardrails, run_canary_check
+from shared.canary import ACTOR, Guardrails, request_guardrails, run_canary_check
 from shared.catalog import SkillCatalog
 from shared.engine import in_canary
 from shared.local_stack import LocalServer, ensure_demo_models, ensure_demo_students, free_port
@@ -30,6 +30,40 @@ from tests.emulators.metric_service import MetricServiceEmulator, metric_service
 from tests.http_traffic import Client
 
 SKILL = "leadership"
+# Wall-clock latency on a shared test machine is noise, not what the checks below judge: the p99 guardrail
+# is tested on given figures (test_the_p99_guardrail_*), and set out of reach where real requests are timed.
+LATENCY_NOT_JUDGED = {"min_p99_increase_ms": float("inf")}
+
+
+def _figures(requests: int, errors: int, p99_ms: float) -> dict[str, float]:
+    return {"requests": requests, "errors": errors, "error_rate": errors / requests, "latency_p99_ms": p99_ms}
+
+
+@pytest.mark.parametrize(
+    ("production_p99", "canary_p99", "trips"),
+    [
+        (0.8, 1.7, False),  # over 1.5x, but 0.9 ms more: one scheduling pause, not a slower model
+        (0.8, 5.7, False),  # 4.9 ms more
+        (0.8, 5.8, True),  # 5 ms more and over 1.5x
+        (20.0, 29.0, False),  # 9 ms more but under 1.5x
+        (20.0, 31.0, True),
+    ],
+)
+def test_the_p99_guardrail_needs_both_the_ratio_and_an_absolute_increase(
+    production_p99: float, canary_p99: float, trips: bool
+) -> None:
+    reasons = request_guardrails(_figures(1000, 0, production_p99), _figures(1000, 0, canary_p99), Guardrails())
+    assert bool(reasons) == trips, reasons
+    assert all("p99 latency" in r for r in reasons)
+
+
+def test_the_error_rate_guardrail_floors_an_error_free_production_at_one_in_its_requests() -> None:
+    guardrails = Guardrails()  # at most 2x
+    assert request_guardrails(_figures(1000, 0, 1.0), _figures(1000, 2, 1.0), guardrails) == []
+    [reason] = request_guardrails(_figures(1000, 0, 1.0), _figures(1000, 3, 1.0), guardrails)
+    assert reason.startswith("error rate 0.0030 is over 2.0x")
+    assert request_guardrails(_figures(1000, 10, 1.0), _figures(1000, 20, 1.0), guardrails) == []
+    assert request_guardrails(_figures(1000, 10, 1.0), _figures(1000, 21, 1.0), guardrails)
 
 
 def _canary(
@@ -83,7 +117,9 @@ def test_a_canary_trained_with_another_seed_passes(services: Services, catalog: 
     version = _canary(services, catalog, tmp_path, TrainingConfig(seed=8), shuffle=False)
     _traffic(services, catalog, 400)
 
-    check = run_canary_check(services, window_minutes=60, reader=open_metrics_reader(services.settings))
+    check = run_canary_check(
+        services, window_minutes=60, reader=open_metrics_reader(services.settings), guardrails=Guardrails(**LATENCY_NOT_JUDGED)
+    )
 
     [result] = check["skills"]
     assert (result["canary"], result["decision"], result["action"]) == (version, "promote", None), result
@@ -98,7 +134,7 @@ def test_a_good_canary_started_with_steps_goes_through_them_to_production(
     steps = (0.05, 0.25, 0.5, 1.0)
     version = _canary(services, catalog, tmp_path, TrainingConfig(seed=8), shuffle=False, steps=steps)
     # Enough data per version at the 5 % step (about 50 students and 30 requests) to judge rather than hold.
-    guardrails = Guardrails(min_requests=20, min_students=30, min_rated=10)
+    guardrails = Guardrails(min_requests=20, min_students=30, min_rated=10, **LATENCY_NOT_JUDGED)
     actions, shares = [], []
     for n in range(len(steps) - 1):  # from the first step, each passing check moves one step on
         _traffic(services, catalog, 600, run_id=f"canary-night-{n}")
@@ -190,7 +226,7 @@ def test_on_gcp_the_check_reads_each_versions_requests_and_latency_from_cloud_mo
             assert answer.status_code == 200
             served[answer.get_json()["model_version"]] += 1
         services.metrics.flush()  # to the MetricService, as each instance's flush thread does
-        check = run_canary_check(services, window_minutes=60, guardrails=Guardrails(min_requests=20))
+        check = run_canary_check(services, window_minutes=60, guardrails=Guardrails(min_requests=20, **LATENCY_NOT_JUDGED))
     finally:
         use_services(None)
         services.metrics.close()
@@ -205,4 +241,4 @@ def test_on_gcp_the_check_reads_each_versions_requests_and_latency_from_cloud_mo
     reads = [c for c in metric_service.calls if c.method == "ListTimeSeries"]
     assert reads and all(c.status == grpc.StatusCode.OK for c in reads)
     assert any(f'metric.labels.model_version = "{record.version}"' in c.request.filter for c in reads), reads[0].request.filter
-    assert not any("error rate" in r or "p99" in r for r in result["reasons"])  # the same model: no guardrail on requests trips
+    assert not any("error rate" in r for r in result["reasons"])  # the same model, no failed request: no error-rate trip
