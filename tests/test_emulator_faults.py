@@ -216,12 +216,11 @@ def _model_version() -> ModelVersion:
 # -- Cloud Storage down when a new model version is to be loaded -------------------------------------------
 
 
-def _infer(server: LocalServer, catalog: SkillCatalog) -> tuple[int, Any, float]:
-    """Scores one student on SKILL; returns (status, body, seconds)."""
+def _infer(server: LocalServer, catalog: SkillCatalog) -> tuple[int, Any]:
+    """Scores one student on SKILL; returns (status, body)."""
     body = {"student_id": "student-001", "skill": SKILL, "features": {f.name: f.default for f in catalog.skill(SKILL).features}}
-    started = time.monotonic()
     status, _, answer = _request("POST", f"{server.url}/api/v1/skills/infer", body)
-    return status, answer, time.monotonic() - started
+    return status, answer
 
 
 def test_cloud_storage_down_at_a_model_refresh_keeps_the_loaded_model_serving_and_healthz_says_why(
@@ -255,13 +254,15 @@ def test_cloud_storage_down_at_a_model_refresh_keeps_the_loaded_model_serving_an
         new = publish_version(services.registry, services.artifacts, trained_dir / SKILL, force=True)
 
         with LocalServer(env, port, workers=1) as server:
-            status, answer, _ = _infer(server, catalog)
+            status, answer = _infer(server, catalog)
             assert (status, answer["model_version"]) == (200, "1.0.0"), answer
 
             storage.interrupt()
             services.registry.promote(SKILL, new.version)
             time.sleep(1.5)  # past the refresh interval: the next request loads the new version, and fails
+            logged_before = len(server.log())
             during = [_infer(server, catalog) for _ in range(5)]
+            failed_loads = server.log()[logged_before:].count("model failed to load")
             status, _, health = _request("GET", f"{server.url}/healthz")
 
             storage.resume()
@@ -272,11 +273,10 @@ def test_cloud_storage_down_at_a_model_refresh_keeps_the_loaded_model_serving_an
             recovered = _infer(server, catalog)
             log = server.log()
 
-    assert [(s, a["model_version"]) for s, a, _ in during] == [(200, "1.0.0")] * 5, during
-    # The request that tried the new version waited for Cloud Storage at most its download deadline; the
-    # ones after it did not wait again (the next attempt is backed off).
-    assert max(seconds for *_, seconds in during) < DOWNLOAD_RETRY_SECONDS + 5, during
-    assert sorted(seconds for *_, seconds in during)[-2] < 3, during
+    assert [(s, a["model_version"]) for s, a in during] == [(200, "1.0.0")] * 5, during
+    # One request tried the new version, and gave up at the download deadline rather than the client's
+    # two minutes; the ones after it did not try again (the next attempt is backed off).
+    assert failed_loads == 1, failed_loads
 
     # Every skill is still served: 200 "degraded", so a probe keeps the instance, and the reason is named.
     assert status == 200 and health["status"] == "degraded", health
@@ -284,6 +284,7 @@ def test_cloud_storage_down_at_a_model_refresh_keeps_the_loaded_model_serving_an
     reason = health["refresh_problems"][SKILL]
     assert f"version {new.version} failed to load" in reason, reason
     assert "Cloud Storage could not download" in reason and "metadata.json" in reason, reason
+    assert f"Timeout of {DOWNLOAD_RETRY_SECONDS}s exceeded" in reason, reason
     assert "version 1.0.0 keeps serving" in reason, reason
     assert list(health["refresh_problems"]) == [SKILL] and "problems" not in health
     assert_matches_spec("GET", "/healthz", 200, health)

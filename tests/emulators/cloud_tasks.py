@@ -169,7 +169,8 @@ class CreateTaskStandIn:
     deleted or executed) task; the emulator appends every task whatever its name. This server keeps
     the names it has seen and answers ALREADY_EXISTS for a repeat. It can also answer slowly (the
     latency of the real service across a network), answer UNAVAILABLE to the first calls, or never
-    answer; it counts the calls it had in flight at once. Only CreateTask is served.
+    answer; it counts the calls it had in flight at once and records the deadline each call arrived with.
+    Only CreateTask is served.
     """
 
     SERVICE = "google.cloud.tasks.v2.CloudTasks"
@@ -185,6 +186,7 @@ class CreateTaskStandIn:
         self.calls = 0
         self.in_flight = 0
         self.max_in_flight = 0
+        self.deadlines: list[float | None] = []  # seconds each call had left on arrival (None: no deadline)
         self.host = ""
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -231,6 +233,7 @@ class CreateTaskStandIn:
             call = self.calls
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            self.deadlines.append(context.time_remaining())
         try:
             if self.hang:
                 self._stopping.wait()
